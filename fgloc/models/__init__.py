@@ -1,0 +1,1 @@
+"""Flax Linen networks, one file each. Every model returns ``(logits, intermediates)``."""

@@ -1,0 +1,170 @@
+"""EfficientNet-Lite (Tan & Le 2019; TF-Lite variant) in Flax Linen.
+
+Architecture (FACTS.md, checked against the PyPI ``efficientnet-lite-pytorch`` reference):
+ReLU6 after stem, expand, depthwise and head convolutions, none after the projection; no
+squeeze-excite; stem (32) and head (1280) widths are not scaled; TF "SAME" padding; BatchNorm
+eps 1e-3. Blocks ``(repeats, kernel, stride, expand, out)``::
+
+    (1,3,1,1,16) (2,3,2,6,24) (2,5,2,6,40) (3,3,2,6,80) (3,5,1,6,112) (4,5,2,6,192) (1,3,1,6,320)
+
+stride on a stage's first repeat only, residual when stride 1 and in == out, block 0 without
+expansion. For Lite1..4 the inner stages' repeats scale by ``ceil(depth_coefficient * r)`` and
+widths by ``width_coefficient`` (rounded to multiples of 8), the first and last stage keep their
+repeats. Input: RGB ``(x - 127) / 128``.
+
+The network is natively GAP + linear, so class activation maps (Zhou et al. 2016) apply
+directly to ``inter["pre_pool"]`` with the ``classifier`` kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# (repeats, kernel, stride, expand_ratio, out_channels)
+BLOCKS = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # fmt: skip
+
+# variant -> (width_coefficient, depth_coefficient, resolution, dropout)
+VARIANTS = {
+    "lite0": (1.0, 1.0, 224, 0.2),
+    "lite1": (1.0, 1.1, 240, 0.2),
+    "lite2": (1.1, 1.2, 260, 0.3),
+    "lite3": (1.2, 1.4, 280, 0.3),
+    "lite4": (1.4, 1.8, 300, 0.3),
+}
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Width scaling as in the TF reference: nearest multiple of 8, at most 10% below."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
+        new += divisor
+    return int(new)
+
+
+def block_specs(variant: str) -> list[tuple[int, int, int, int, int, int]]:
+    """Per-block ``(stage, kernel, stride, expand, in_ch, out_ch)`` for a variant."""
+    width, depth, _, _ = VARIANTS[variant]
+    specs = []
+    in_ch = 32
+    for s, (r, k, stride, e, out) in enumerate(BLOCKS):
+        out_ch = round_filters(out, width)
+        repeats = r if s in (0, len(BLOCKS) - 1) else int(math.ceil(depth * r))
+        for i in range(repeats):
+            specs.append((s + 1, k, stride if i == 0 else 1, e, in_ch, out_ch))
+            in_ch = out_ch
+    return specs
+
+
+def relu6(x: Array) -> Array:
+    return jnp.clip(x, 0.0, 6.0)
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite)."""
+
+    kernel: int
+    stride: int
+    expand: int
+    in_ch: int
+    out_ch: int
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        bn = lambda name: nn.BatchNorm(  # noqa: E731
+            use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name
+        )
+        h = x
+        mid = self.in_ch * self.expand
+        if self.expand != 1:
+            h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
+            h = relu6(bn("bn0")(h))
+        h = nn.Conv(
+            mid,
+            (self.kernel, self.kernel),
+            strides=self.stride,
+            padding="SAME",
+            feature_group_count=mid,
+            use_bias=False,
+            name="depthwise_conv",
+        )(h)
+        h = relu6(bn("bn1")(h))
+        h = nn.Conv(self.out_ch, (1, 1), use_bias=False, name="project_conv")(h)
+        h = bn("bn2")(h)
+        if self.stride == 1 and self.in_ch == self.out_ch:
+            h = h + x
+        return h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0..4.
+
+    ``__call__(x)`` with ``x`` of shape ``(B, H, W, 3)``, already normalised (see
+    :data:`MEAN` / :data:`STD`), returns ``(logits (B, num_classes), inter)`` where ``inter``
+    holds ``stem``, ``block0``..``blockN``, ``stage1``..``stage7`` (each stage's last block),
+    ``pre_pool`` ``(B, H/32, W/32, 1280)`` and ``pooled`` ``(B, 1280)``.
+    """
+
+    variant: str = "lite0"
+    num_classes: int = 1000
+    dropout_rate: float | None = None
+
+    def setup(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        self.specs = block_specs(self.variant)
+        self.stem_conv = nn.Conv(32, (3, 3), strides=2, padding="SAME", use_bias=False)
+        self.stem_bn = nn.BatchNorm(momentum=0.99, epsilon=1e-3)
+        self.blocks = [MBConv(k, s, e, i, o) for (_, k, s, e, i, o) in self.specs]
+        self.head_conv = nn.Conv(1280, (1, 1), use_bias=False)
+        self.head_bn = nn.BatchNorm(momentum=0.99, epsilon=1e-3)
+        rate = VARIANTS[self.variant][3] if self.dropout_rate is None else self.dropout_rate
+        self.dropout = nn.Dropout(rate)
+        self.classifier = nn.Dense(self.num_classes)
+
+    def features(self, x: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
+        """Convolutional trunk: ``(B,H,W,3)`` -> ``(pre_pool (B,h,w,1280), inter)``."""
+        inter: dict[str, Array] = {}
+        h = relu6(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+        inter["stem"] = h
+        for i, (blk, spec) in enumerate(zip(self.blocks, self.specs, strict=True)):
+            h = blk(h, train=train)
+            inter[f"block{i}"] = h
+            last_of_stage = i + 1 == len(self.specs) or self.specs[i + 1][0] != spec[0]
+            if last_of_stage:
+                inter[f"stage{spec[0]}"] = h
+        h = relu6(self.head_bn(self.head_conv(h), use_running_average=not train))
+        inter["pre_pool"] = h
+        return h, inter
+
+    def head(self, pooled: Array, train: bool = False) -> Array:
+        """Classifier on pooled features ``(B, 1280)`` -> logits ``(B, num_classes)``."""
+        return self.classifier(self.dropout(pooled, deterministic=not train))
+
+    def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
+        fmap, inter = self.features(x, train=train)
+        pooled = jnp.mean(fmap, axis=(1, 2))
+        inter["pooled"] = pooled
+        logits = self.head(pooled, train=train)
+        inter["logits"] = logits
+        return logits, inter
+
+
+MEAN = (127.0, 127.0, 127.0)
+STD = (128.0, 128.0, 128.0)
+
+
+def preprocess(images: Any) -> Array:
+    """Raw RGB pixels in [0, 255] (uint8 or float, any leading shape) -> ``(x - 127) / 128``."""
+    x = jnp.asarray(images, dtype=jnp.float32)
+    return (x - 127.0) / 128.0

