@@ -110,7 +110,9 @@ def imagenet_class_names() -> list[str]:
 def _cached(key: str, source: str, convert: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Convert once, then load from the cache; the cache key includes the source's size/mtime."""
     st = os.stat(source)
-    digest = hashlib.sha1(f"{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    digest = hashlib.sha1(
+        f"{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}".encode()
+    ).hexdigest()[:12]
     path = cache_dir() / f"{key}-{digest}.npz"
     if path.exists():
         try:
@@ -173,8 +175,8 @@ def _lpips(arch: str) -> Pretrained:
 
 
 def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
-    from weights_conversion.torchvision import ARCHITECTURES, convert_state_dict
     from weights_conversion.torch_pickle import load_torch_checkpoint
+    from weights_conversion.torchvision import ARCHITECTURES, convert_state_dict
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
@@ -183,7 +185,9 @@ def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
     if weights.endswith(".npz"):
         variables = load_variables(weights)
     else:
-        variables = _cached(arch, weights, lambda: convert_state_dict(arch, load_torch_checkpoint(weights)))
+        variables = _cached(
+            arch, weights, lambda: convert_state_dict(arch, load_torch_checkpoint(weights))
+        )
     bias = variables.get("params", {}).get("classifier", {}).get("bias")
     n = int(bias.shape[0]) if bias is not None else num_classes
     names = imagenet_class_names() if n == 1000 else None

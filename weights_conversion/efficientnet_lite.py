@@ -53,11 +53,17 @@ def convert_state_dict(
     for i, (_, _, _, expand, _, _) in enumerate(block_specs(variant)):
         t, f = f"_blocks.{i}", f"blocks_{i}"
         if expand != 1:
-            flat[f"params/{f}/expand_conv/kernel"] = conv_oihw_to_hwio(take(f"{t}._expand_conv.weight"))
+            flat[f"params/{f}/expand_conv/kernel"] = conv_oihw_to_hwio(
+                take(f"{t}._expand_conv.weight")
+            )
             bn(f"{t}._bn0", f"{f}/bn0")
-        flat[f"params/{f}/depthwise_conv/kernel"] = conv_oihw_to_hwio(take(f"{t}._depthwise_conv.weight"))
+        flat[f"params/{f}/depthwise_conv/kernel"] = conv_oihw_to_hwio(
+            take(f"{t}._depthwise_conv.weight")
+        )
         bn(f"{t}._bn1", f"{f}/bn1")
-        flat[f"params/{f}/project_conv/kernel"] = conv_oihw_to_hwio(take(f"{t}._project_conv.weight"))
+        flat[f"params/{f}/project_conv/kernel"] = conv_oihw_to_hwio(
+            take(f"{t}._project_conv.weight")
+        )
         bn(f"{t}._bn2", f"{f}/bn2")
     flat["params/head_conv/kernel"] = conv_oihw_to_hwio(take("_conv_head.weight"))
     bn("_bn1", "head_bn")
@@ -65,7 +71,9 @@ def convert_state_dict(
     flat["params/classifier/bias"] = take("_fc.bias")
     unused = sorted(set(state) - used)
     if unused:
-        raise ConversionError(f"{source}: unexpected tensors ({len(unused)}): {', '.join(unused[:20])}")
+        raise ConversionError(
+            f"{source}: unexpected tensors ({len(unused)}): {', '.join(unused[:20])}"
+        )
     num_classes = flat["params/classifier/bias"].shape[0]
     model = EfficientNetLite(variant=variant, num_classes=num_classes)
     template = jax.eval_shape(

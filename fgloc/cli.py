@@ -1,0 +1,113 @@
+"""``fgloc`` command line (intentionally thin: the logic lives in importable modules).
+
+fgloc localize IMAGE... --method cam|sensitivity --out DIR [--topk K]
+fgloc demo [--out DIR]
+fgloc convert --arch ARCH --from torchvision|caffe ... --out PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+# Chosen by measurement on ../shared/data/imagenet_val_sample (README: "Choosing the defaults").
+DEFAULT_INPUT_SIZE = 224
+DEFAULT_THRESHOLD = 0.2
+DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+
+
+def _add_localize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("cam", "sensitivity"), default="cam")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE,
+                   help=f"square network input in pixels (default {DEFAULT_INPUT_SIZE})")  # fmt: skip
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"box threshold as a fraction of the map maximum (default {DEFAULT_THRESHOLD})")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--model", default="efficientnet_lite0", help="pretrained name (fgloc.pretrained)"
+    )
+    p.add_argument(
+        "--weights", default=None, help="checkpoint for --model given as an architecture"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _localize(args, paths) -> int:
+    from fgloc.localize_images import run_to_dir
+    from fgloc.pretrained import pretrained
+
+    net = pretrained(args.model, weights=args.weights)
+    ok, failed = run_to_dir(
+        net, paths, args.out, method=args.method, topk=args.topk, input_size=args.input_size,
+        threshold=args.threshold, batch_size=args.batch_size, progress=not args.no_progress,
+    )  # fmt: skip
+    print(
+        f"{ok} image(s) localized with {args.method}; results in {pathlib.Path(args.out) / 'results.jsonl'}"
+    )
+    if failed:
+        print(f"{failed} image(s) could not be read (see messages above)", file=sys.stderr)
+    return 0 if ok and not failed else 1
+
+
+def _demo(args) -> int:
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    out = pathlib.Path(args.out)
+    photos = out / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in DEMO_PHOTOS:
+        img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+        path = photos / f"{name}.jpg"
+        Image.fromarray(np.asarray(img)).save(path, quality=95)
+        paths.append(path)
+    code = 0
+    for method in ("cam", "sensitivity"):
+        args.method = method
+        args.out = str(out / method)
+        code |= _localize(args, paths)
+    print(f"demo pictures: {out / 'cam'}/*.png and {out / 'sensitivity'}/*.png")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fgloc", description="fgloc: objects and parts with pretrained CNNs"
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("localize", help="maps and boxes for photos")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="output folder (overlays + results.jsonl)")
+    _add_localize_args(p)
+    d = sub.add_parser("demo", help="run localize on scikit-image's sample photos")
+    d.add_argument("--out", default="fgloc_demo")
+    _add_localize_args(d)
+    d.set_defaults(topk=3)
+    c = sub.add_parser(
+        "convert", help="convert a checkpoint to Flax variables (.npz)", add_help=False
+    )
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    args, _ = (
+        parser.parse_known_args(argv)
+        if argv and argv[0] == "convert"
+        else (parser.parse_args(argv), None)
+    )
+    if args.cmd == "convert":
+        from weights_conversion.cli import main as convert_main
+
+        return convert_main(args.rest)
+    try:
+        if args.cmd == "localize":
+            return _localize(args, args.images)
+        return _demo(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fgloc: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
