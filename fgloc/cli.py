@@ -24,6 +24,8 @@ def _add_localize_args(p: argparse.ArgumentParser) -> None:
                    help=f"square network input in pixels (default {DEFAULT_INPUT_SIZE})")  # fmt: skip
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"box threshold as a fraction of the map maximum (default {DEFAULT_THRESHOLD})")  # fmt: skip
+    p.add_argument("--smooth", type=float, default=None,
+                   help="Gaussian sigma (input pixels) for sensitivity maps before boxing (default input/28)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--model", default="efficientnet_lite0", help="pretrained name (fgloc.pretrained)"
@@ -41,7 +43,7 @@ def _localize(args, paths) -> int:
     net = pretrained(args.model, weights=args.weights)
     ok, failed = run_to_dir(
         net, paths, args.out, method=args.method, topk=args.topk, input_size=args.input_size,
-        threshold=args.threshold, batch_size=args.batch_size, progress=not args.no_progress,
+        threshold=args.threshold, smooth_sigma=args.smooth, batch_size=args.batch_size, progress=not args.no_progress,
     )  # fmt: skip
     print(
         f"{ok} image(s) localized with {args.method}; results in {pathlib.Path(args.out) / 'results.jsonl'}"

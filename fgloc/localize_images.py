@@ -59,8 +59,32 @@ class Localization:
         }
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "topk", "threshold"))
-def _localize_batch(model, variables, x, *, method: str, topk: int, threshold: float):
+def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
+    """Separable Gaussian blur of ``(..., H, W)`` maps (zero padding, kernel radius 3σ)."""
+    if sigma <= 0:
+        return maps
+    r = max(1, int(3 * sigma + 0.5))
+    t = jnp.arange(-r, r + 1, dtype=jnp.float32)
+    k = jnp.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
+    x = maps.reshape(-1, h, w, 1)
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.lax.conv_general_dilated(
+        x, k.reshape(-1, 1, 1, 1), (1, 1), "SAME", dimension_numbers=dn
+    )
+    x = jax.lax.conv_general_dilated(
+        x, k.reshape(1, -1, 1, 1), (1, 1), "SAME", dimension_numbers=dn
+    )
+    return x.reshape(*lead, h, w)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "method", "topk", "threshold", "smooth_sigma")
+)
+def _localize_batch(
+    model, variables, x, *, method: str, topk: int, threshold: float, smooth_sigma: float
+):
     """x: preprocessed ``(B, S, S, 3)`` -> probs (B,k), classes (B,k), maps (B,k,S,S), boxes (B,k,4)."""
     logits, inter = model.apply(variables, x)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -72,6 +96,7 @@ def _localize_batch(model, variables, x, *, method: str, topk: int, threshold: f
         maps = resize_maps(maps, size)
     else:
         maps = sensitivity_maps(lambda z: model.apply(variables, z)[0], x, classes)
+        maps = gaussian_blur(maps, smooth_sigma)
     b, k = classes.shape
     lo = maps.min(axis=(-2, -1), keepdims=True)
     hi = maps.max(axis=(-2, -1), keepdims=True)
@@ -93,11 +118,16 @@ def localize(
     topk: int = 5,
     input_size: int = 224,
     threshold: float = 0.2,
+    smooth_sigma: float | None = None,
     batch_size: int = 8,
     progress: bool = True,
     on_error=None,
 ) -> Iterable[Localization]:
     """Yield one :class:`Localization` per readable image, in order.
+
+    ``smooth_sigma`` (pixels of the network input) blurs sensitivity maps before boxing, since
+    raw gradients are speckled and the largest component above 20% of the maximum is otherwise
+    a single speck; default ``input_size / 28`` (8 px at 224). CAM maps are not blurred.
 
     Unreadable images are reported through ``on_error(path, message)`` (default: print to
     stderr) and skipped; the rest go on.
@@ -110,6 +140,10 @@ def localize(
         raise ValueError(f"--topk must be in 1..{len(net.class_names)}, got {topk}")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold must be in (0, 1), got {threshold}")
+    if smooth_sigma is None:
+        smooth_sigma = input_size / 28 if method == "sensitivity" else 0.0
+    if smooth_sigma < 0:
+        raise ValueError(f"--smooth must be >= 0, got {smooth_sigma}")
     if input_size < 32:
         raise ValueError(f"--input-size must be at least 32, got {input_size}")
 
@@ -132,7 +166,7 @@ def localize(
         scores, classes, maps, boxes = jax.device_get(
             _localize_batch(
                 net.model, net.variables, net.preprocess(batch),
-                method=method, topk=topk, threshold=threshold,
+                method=method, topk=topk, threshold=threshold, smooth_sigma=float(smooth_sigma),
             )
         )  # fmt: skip
         for i, (name, photo) in enumerate(pending):
