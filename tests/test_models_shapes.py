@@ -1,0 +1,126 @@
+"""Shapes without running: ``jax.eval_shape`` of every model, and of every model/converter pair.
+
+Parameter totals are checked against torchvision's documented counts (``num_params`` in the
+weights' metadata), so a wrong channel count anywhere fails here, not in a long parity run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgloc.models.alexnet import AlexNet
+from fgloc.models.googlenet import GoogLeNet
+from fgloc.models.resnet import ResNet50
+from fgloc.models.vgg import VGG16
+from weights_conversion import torchvision as tv
+from weights_conversion.merge import flatten
+
+# torchvision's documented parameter counts (GoogLeNet: without the training-only aux heads).
+TORCHVISION_NUM_PARAMS = {
+    "alexnet": 61_100_840,
+    "vgg16": 138_357_544,
+    "googlenet": 6_624_904,
+    "resnet50": 25_557_032,
+}
+
+
+def _shapes(model, size, **kw):
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = tv.model_template(model)
+    logits, inter = jax.eval_shape(lambda v, x: model.apply(v, x, **kw), variables, x)
+    return variables, logits, {k: tuple(a.shape) for k, a in inter.items()}
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_NUM_PARAMS))
+def test_parameter_counts_match_torchvision(arch):
+    variables = tv.model_template(tv.ARCHITECTURES[arch](1000))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+    assert n == TORCHVISION_NUM_PARAMS[arch]
+
+
+def test_alexnet_shapes():
+    _, logits, inter = _shapes(AlexNet(), 224)
+    assert logits.shape == (2, 1000)
+    assert inter["conv5"] == (2, 13, 13, 256)
+    assert inter["pool5"] == inter["pre_pool"] == (2, 6, 6, 256)
+    assert inter["fc7"] == (2, 1, 1, 4096)
+    _, logits, inter = _shapes(AlexNet(num_classes=None), 227)
+    assert logits is None and inter["pool5"] == (2, 6, 6, 256) and "fc6" not in inter
+    _, logits, _ = _shapes(AlexNet(fully_conv=True), 355)  # pool5 10x10 -> 5x5 positions
+    assert logits.shape == (2, 5, 5, 1000)
+
+
+def test_vgg16_shapes():
+    _, logits, inter = _shapes(VGG16(), 224)
+    assert logits.shape == (2, 1000)
+    assert inter["conv5_3"] == (2, 14, 14, 512)
+    assert inter["pool5"] == (2, 7, 7, 512)
+    assert inter["fc6"] == inter["fc7"] == (2, 1, 1, 4096)
+    _, logits, inter = _shapes(VGG16(fully_conv=True), 320)  # pool5 10x10 -> 4x4
+    assert logits.shape == (2, 4, 4, 1000)
+    _, logits, inter = _shapes(VGG16(), 64)  # adaptive pool lifts 2x2 to 7x7
+    assert logits.shape == (2, 1000) and inter["pool5"] == (2, 2, 2, 512)
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "bvlc"])
+def test_googlenet_shapes(variant):
+    _, logits, inter = _shapes(GoogLeNet(variant=variant), 224)
+    assert logits.shape == (2, 1000)
+    assert inter["pool1"] == (2, 56, 56, 64)  # ceil mode: 112 -> 56
+    assert inter["inception3b"] == (2, 28, 28, 480)
+    assert inter["inception4e"] == (2, 14, 14, 832)
+    assert inter["pool4"] == (2, 7, 7, 832)
+    assert inter["pre_pool"] == (2, 7, 7, 1024) and inter["pooled"] == (2, 1024)
+
+
+def test_googlenet_cam_shapes_and_names():
+    variables, logits, inter = _shapes(GoogLeNet(variant="bvlc", cam=True), 224)
+    assert logits.shape == (2, 1000)
+    assert inter["cam_conv"] == inter["pre_pool"] == (2, 14, 14, 1024)
+    assert "inception5a" not in inter and "batch_stats" not in variables
+    p = variables["params"]
+    assert p["inception3a"]["branch3_1"]["conv"]["kernel"].shape == (5, 5, 16, 32)  # real 5x5
+    assert p["conv1"]["conv"]["bias"].shape == (64,)
+    assert p["classifier"]["kernel"].shape == (1024, 1000)
+    with pytest.raises(ValueError, match="variant='bvlc'"):
+        GoogLeNet(cam=True).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+def test_resnet50_shapes():
+    variables, logits, inter = _shapes(ResNet50(), 224)
+    assert logits.shape == (2, 1000)
+    assert inter["stem"] == (2, 56, 56, 64)
+    assert [inter[f"layer{i}"] for i in range(1, 5)] == [
+        (2, 56, 56, 256),
+        (2, 28, 28, 512),
+        (2, 14, 14, 1024),
+        (2, 7, 7, 2048),
+    ]
+    assert inter["pooled"] == (2, 2048)
+    assert variables["batch_stats"]["layer4_0"]["downsample_1"]["mean"].shape == (2048,)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", sorted(tv.ARCHITECTURES))
+def test_converter_shapes_line_up(arch):
+    """torchvision's state-dict shapes (a model on the meta device: no memory, no compute)
+    pass through ``convert_flat`` under ``jax.eval_shape`` onto exactly the Flax template."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    builders = {
+        "vgg16": torchvision.models.vgg16,
+        "alexnet": torchvision.models.alexnet,
+        "googlenet": lambda: torchvision.models.googlenet(init_weights=False),
+        "resnet50": torchvision.models.resnet50,
+    }
+    with torch.device("meta"):
+        state = builders[arch]().state_dict()
+    structs = {k: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for k, v in state.items()}
+    template = tv.model_template(tv.ARCHITECTURES[arch](1000))
+    converted = jax.eval_shape(lambda sd: tv.convert_flat(arch, sd, template), structs)
+    want = {k: tuple(v.shape) for k, v in flatten(template).items()}
+    got = {k: tuple(v.shape) for k, v in converted.items()}
+    assert got == want
