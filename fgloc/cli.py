@@ -11,9 +11,9 @@ import argparse
 import pathlib
 import sys
 
-# Chosen by measurement on ../shared/data/imagenet_val_sample (README: "Choosing the defaults").
-DEFAULT_INPUT_SIZE = 224
-DEFAULT_THRESHOLD = 0.2
+# Chosen by measurement on ../shared/data/imagenet_val_sample: experiments/choose_cli_defaults.py.
+DEFAULT_INPUT_SIZE = 320
+DEFAULT_THRESHOLD = 0.35
 DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 
 
