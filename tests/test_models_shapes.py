@@ -124,3 +124,22 @@ def test_converter_shapes_line_up(arch):
     want = {k: tuple(v.shape) for k, v in flatten(template).items()}
     got = {k: tuple(v.shape) for k, v in converted.items()}
     assert got == want
+
+
+def test_alexnet_pool_is_differentiable():
+    """Channel-gradient maps (paper 1) need reverse-mode AD through the ceil-mode max pools."""
+    import fgloc
+
+    p = fgloc.pretrained("alexnet_lpips")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 67, 67, 3)), jnp.float32)
+
+    def f(z):
+        return p.model.apply(p.variables, z)[1]["pool5"][..., 3].sum()
+
+    g = jax.grad(f)(x)
+    assert g.shape == x.shape and bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
+    # Finite-difference check along the gradient direction (piecewise-linear network).
+    d = g / jnp.linalg.norm(g)
+    eps = 1e-3
+    fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+    np.testing.assert_allclose(fd, jnp.vdot(g, d), rtol=2e-2)

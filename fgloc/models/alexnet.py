@@ -89,9 +89,11 @@ def torch_max_pool(
     if x.ndim != 4:
         raise ValueError(f"torch_max_pool expects (B, H, W, C), got shape {x.shape}")
     pads = [_torch_pool_pad(x.shape[ax], kernel, stride, padding, ceil_mode) for ax in (1, 2)]
+    # A Python-float init value keeps this on lax's differentiable max-pool path (an array init
+    # value falls back to the generic reduce_window, which reverse-mode AD cannot linearise).
     return lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,
         lax.max,
         (1, kernel, kernel, 1),
         (1, stride, stride, 1),

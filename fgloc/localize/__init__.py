@@ -1,0 +1,1 @@
+"""Localisation from maps and features: boxes (`boxes.py`), parts, box regression, keypoints."""
