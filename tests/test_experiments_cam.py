@@ -1,0 +1,222 @@
+"""experiments.common plumbing, the CAM experiments' helpers, and their smoke runs on real data."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments import cam_class_units, cam_cub, cam_imagenet, common
+
+# ----------------------------------------------------------------------------- common
+
+
+def _config(preset: str = "default") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.size = 224
+    c.lr = 0.1
+    c.name = "a"
+    c.flag = False
+    c.layers = ("x",)
+    c.sub = ml_collections.ConfigDict({"k": 1})
+    if preset == "smoke":
+        c.size = 32
+    return c
+
+
+def test_parse_args_types_overrides_by_field(tmp_path):
+    argv = ["--data_dir", str(tmp_path), "--workdir", "w", "--preset", "smoke"]
+    argv += ["--config.lr=0.5", "--config.flag", "true", "--config.layers=('a','b')"]
+    argv += ["--config.sub.k=7", "--config.name=5"]
+    config, data_dir, workdir = common.parse_args(argv, _config)
+    assert (config.size, config.lr, config.flag, config.sub.k) == (32, 0.5, True, 7)
+    assert config.layers == ("a", "b") and config.name == "5"  # a str field stays a str
+    assert data_dir == tmp_path and str(workdir) == "w"
+    with pytest.raises(KeyError, match="no field 'sze'"):
+        common.parse_args(["--data_dir", "d", "--workdir", "w", "--config.sze=3"], _config)
+    with pytest.raises(ValueError, match=r"--config.size='big'"):
+        common.parse_args(["--data_dir", "d", "--workdir", "w", "--config.size=big"], _config)
+
+
+def test_resolve_data_dir_accepts_folder_or_its_parent(tmp_path):
+    cub = tmp_path / "CUB_200_2011"
+    cub.mkdir()
+    (cub / "images.txt").write_text("1 a.jpg\n")
+    assert common.resolve_data_dir(tmp_path, "CUB_200_2011", ("images.txt",)) == cub
+    assert common.resolve_data_dir(cub, "CUB_200_2011", ("images.txt",)) == cub
+    with pytest.raises(FileNotFoundError, match="no CUB_200_2011 folder"):
+        common.resolve_data_dir(tmp_path / "nope", "CUB_200_2011", ("images.txt",))
+
+
+def test_write_metrics_is_flat_json(tmp_path):
+    path = common.write_metrics(tmp_path, {"b": np.float32(0.5), "a": np.int64(3), "c": np.nan})
+    assert json.loads(path.read_text()) == {"a": 3, "b": 0.5, "c": None}
+    with pytest.raises(TypeError, match="not a scalar"):
+        common.write_metrics(tmp_path, {"nested": {"x": 1}})
+
+
+def test_cached_npz_recomputes_only_when_key_changes(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3) * len(calls)}
+
+    a = common.cached_npz(tmp_path / "c.npz", compute, {"size": 1})
+    b = common.cached_npz(tmp_path / "c.npz", compute, {"size": 1})
+    c = common.cached_npz(tmp_path / "c.npz", compute, {"size": 2})
+    np.testing.assert_array_equal(a["x"], b["x"])
+    np.testing.assert_array_equal(c["x"], np.arange(3) * 2)
+    assert len(calls) == 2
+
+
+def test_main_writes_metrics_and_config(tmp_path):
+    def run(config, data_dir, workdir):
+        return {"n_images": 2, "value": config.lr * 2}
+
+    out = common.main(_config, run, ["--data_dir", "d", "--workdir", str(tmp_path)])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["value"] == 0.2 and saved["n_images"] == 2 and saved["seconds"] >= 0
+    assert out["value"] == 0.2
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.1
+
+
+# ----------------------------------------------------------------------------- CAM helpers
+
+
+def test_maps_to_boxes_scales_to_original_pixels():
+    m = np.zeros((1, 8, 8), np.float32)
+    m[0, 2:4, 4:7] = 1.0  # rows 2..3, cols 4..6
+    m[0, 7, 0] = 0.9  # a smaller separate blob
+    sizes = np.array([[16, 32]])  # original H=16, W=32: x scales by 4, y by 2
+    box = cam_cub.maps_to_boxes(m, sizes, map_size=8, rule="paper", threshold=0.5)
+    np.testing.assert_allclose(box, [[16, 4, 28, 8]])
+    with pytest.raises(ValueError, match="box_rule"):
+        cam_cub.maps_to_boxes(m, sizes, map_size=8, rule="nope")
+
+
+def test_maps_to_boxes_released_rule_ranks_by_area():
+    m = np.zeros((1, 64, 64), np.float32)
+    m[0, 8:40, 8:40] = 1.0  # 32x32 square: the biggest contour
+    m[0, 50:58, 50:58] = 1.0
+    box = cam_cub.maps_to_boxes(m, np.array([[64, 64]]), map_size=64, rule="released")
+    assert box[0, 0] <= 10 and box[0, 2] >= 38 and box[0, 2] - box[0, 0] < 40
+
+
+def test_tune_threshold_picks_the_grid_value_that_fits():
+    # A pyramid map: the box of `map > t·max` shrinks as t grows; the GT fits t = 0.5.
+    yy, xx = np.mgrid[0:20, 0:20]
+    m = (10.0 - np.maximum(np.abs(yy - 9.5), np.abs(xx - 9.5)))[None]  # peak 9.5, edges 0.5
+    gt = np.array([[5.0, 5.0, 15.0, 15.0]])  # pixels with value > 4.75: the central 10x10
+    t, sweep = cam_cub.tune_threshold(m, np.array([[20, 20]]), gt, (0.1, 0.5, 0.9), 20)
+    assert t == 0.5 and sweep[0.5] == 1.0 and sweep[0.9] == 0.0
+
+
+def test_svm_cam_mean_is_the_svm_score_up_to_a_class_constant():
+    rs = np.random.default_rng(0)
+    n, h, w, k = 30, 3, 4, 6
+    maps = {"map_a": rs.normal(size=(n, h, w, 4)), "map_b": rs.normal(size=(n, 2 * h, 2 * w, 2))}
+    labels = np.arange(n) % 3
+    maps["map_a"][np.arange(n), :, :, labels] += 2.0  # make classes separable
+    pooled = np.concatenate([maps["map_a"].mean((1, 2)), maps["map_b"].mean((1, 2))], -1)
+    clf = cam_cub.fit_svm(pooled, labels, c=1.0, seed=0)
+    weights = cam_cub.svm_raw_weights(clf)
+    assert weights.shape == (k, 3)
+    for c in range(3):
+        cams = cam_cub.svm_cams(maps, ("a", "b"), weights, np.full(n, c))
+        assert cams.shape == (n, 2 * h, 2 * w)  # finest layer's grid
+        # With one layer the CAM mean is exactly w·pooled; the upsampled coarse layer keeps
+        # its mean up to the bilinear edge effect, so compare scores per layer.
+        only_b = cam_cub.svm_cams(
+            {"map_b": maps["map_b"]}, ("b",), weights[4:], np.full(n, c)
+        ).mean((1, 2))
+        np.testing.assert_allclose(only_b, pooled[:, 4:] @ weights[4:, c], rtol=1e-4, atol=1e-4)
+        direct = pooled @ weights[:, c]
+        offset = clf.decision_function(pooled)[:, c] - direct
+        np.testing.assert_allclose(offset, offset[0], atol=1e-6)
+
+
+def test_class_unit_ranking_and_segment():
+    w = np.array([[0.1, -1.0], [0.9, 0.2], [0.5, 0.3]])
+    np.testing.assert_array_equal(cam_class_units.rank_units(w, 0, 2), [1, 2])
+    np.testing.assert_array_equal(cam_class_units.rank_units(w, 1, 3), [2, 1, 0])
+    act = np.array([[1.0, 5.0, 0.0], [3.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(cam_class_units.top_images(act, 1, 1), [0])
+    np.testing.assert_array_equal(cam_class_units.top_images(act, 2, 2), [1, 0])
+    a = np.zeros((4, 4), np.float32)
+    a[1, 2] = 1.0
+    mask, box = cam_class_units.segment_box(a, 4, 0.5)
+    np.testing.assert_array_equal(box, [2, 1, 3, 2])
+    assert mask.sum() == 1
+
+
+def test_configs_and_presets():
+    for mod in (cam_cub, cam_imagenet, cam_class_units):
+        assert isinstance(mod.get_config(), ml_collections.ConfigDict)
+        assert mod.get_config("smoke").input_size < mod.get_config().input_size
+        with pytest.raises(ValueError, match="unknown preset"):
+            mod.get_config("nope")
+    assert cam_cub.get_config("vgg16").cam_layers == ("conv5_3",)
+
+
+def test_svm_raw_weights_rejects_nothing_and_cams_check_channels():
+    maps = {"map_a": np.zeros((2, 2, 2, 3))}
+    with pytest.raises(ValueError, match="3 channels"):
+        cam_cub.svm_cams(maps, ("a",), np.zeros((4, 2)), np.zeros(2, int))
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def _run(mod, shared_data, tmp_path):
+    argv = ["--data_dir", str(shared_data), "--workdir", str(tmp_path), "--preset", "smoke"]
+    common.main(mod.get_config, mod.run, argv)
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_cam_cub_smoke(shared_data, tmp_path):
+    m = _run(cam_cub, shared_data, tmp_path)
+    for key in ("box_acc_iou50", "maxboxacc_v2", "cls_acc_full", "cls_acc_cam_crop"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["cls_acc_gt_box"] >= 0 and m["n_images"] == 9 and m["backbone"]
+    assert m["cls_acc_full"] > 1 / 3  # better than chance on 3 classes
+    assert (tmp_path / "examples.png").stat().st_size > 0
+    # A rerun reuses the cached features.
+    assert sorted(p.name for p in tmp_path.glob("features_*.npz"))
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_cam_imagenet_smoke(shared_data, tmp_path):
+    m = _run(cam_imagenet, shared_data, tmp_path)
+    keys = ["top1_cls_err", "top5_cls_err", "top1_loc_err", "top5_loc_err", "gt_known_loc_acc"]
+    keys += ["maxboxacc_v2"]
+    for key in keys + [f"backprop_{k}" for k in keys if "cls" not in k]:
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["top1_loc_err"] >= m["top1_cls_err"]  # a localization hit needs the right class
+    assert m["top5_loc_err"] <= m["top1_loc_err"]
+    assert m["n_images"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_cam_class_units_smoke(shared_data, tmp_path):
+    m = _run(cam_class_units, shared_data, tmp_path)
+    assert m["n_images"] == 8 and len(m["class_0_units"].split()) == 2
+    assert (tmp_path / "class_units.png").stat().st_size > 0
+
+
+def test_cam_boxes_of_a_known_map_match_in_jax_and_numpy_paths():
+    """maps_to_boxes (jax, paper rule) agrees with the scipy sweep used for tuning."""
+    rs = np.random.default_rng(1)
+    m = rs.random((3, 7, 7)).astype(np.float32) ** 4
+    sizes = np.array([[70, 70]] * 3)
+    gt = cam_cub.maps_to_boxes(m, sizes, map_size=14, threshold=0.3)
+    _, sweep = cam_cub.tune_threshold(m, sizes, gt, (0.3,), 14)
+    assert sweep[0.3] >= 2 / 3  # 4- vs 8-connectivity may differ on diagonal touches
+    assert jnp.asarray(gt).shape == (3, 4)

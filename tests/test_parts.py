@@ -1,0 +1,286 @@
+"""Tests for fgloc.localize.parts (Simon, Rodner & Denzler 2014 part discovery)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgloc.localize import parts as P
+
+
+def _blobs(h: int, w: int, blobs: list[tuple[float, float, float, float]]) -> np.ndarray:
+    """Sum of isotropic Gaussians ``(amplitude, x, y, sigma)`` on pixel centres -> ``(h, w)``."""
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    out = np.zeros((h, w), np.float64)
+    for a, x, y, s in blobs:
+        out += a * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ centre operators
+def test_gmm_picks_the_heavier_of_two_blobs():
+    # Heavier blob: amplitude 3, sigma 3 (mass 27·2π) vs amplitude 1, sigma 4 (mass 16·2π).
+    m = _blobs(60, 60, [(3.0, 15.0, 20.0, 3.0), (1.0, 45.0, 40.0, 4.0)])
+    np.testing.assert_allclose(np.asarray(P.gmm_centres(jnp.asarray(m))), [15.0, 20.0], atol=1e-2)
+    # Swap the masses: the other blob wins.
+    m2 = _blobs(60, 60, [(0.5, 15.0, 20.0, 3.0), (2.0, 45.0, 40.0, 4.0)])
+    np.testing.assert_allclose(np.asarray(P.gmm_centres(jnp.asarray(m2))), [45.0, 40.0], atol=1e-2)
+    # The centre of mass lies between them; the argmax is the peak pixel's centre.
+    com = np.asarray(P.mass_centres(jnp.asarray(m)))
+    want = (27 * np.array([15.0, 20.0]) + 16 * np.array([45.0, 40.0])) / 43
+    np.testing.assert_allclose(com, want, atol=0.05)
+    np.testing.assert_allclose(np.asarray(P.argmax_centres(jnp.asarray(m))), [14.5, 19.5])
+
+
+def test_gmm_pooled_matches_full_resolution():
+    m = _blobs(64, 64, [(3.0, 17.3, 22.1, 3.0), (1.0, 45.0, 40.0, 4.0)])
+    full = np.asarray(P.gmm_centres(jnp.asarray(m)))
+    pooled = np.asarray(P.gmm_centres(jnp.asarray(m), pool=4))
+    np.testing.assert_allclose(pooled, full, atol=0.05)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_weighted_em_equals_sklearn_on_replicated_points():
+    """Integer weights == EM on points repeated that many times (sklearn, same initialisation)."""
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(0)
+    h, w, n_iter, reg = 12, 15, 7, 1.0
+    m = rng.integers(0, 4, size=(h, w)).astype(np.float32)
+    m[2:5, 2:6] += 6  # a dense corner so the two components separate
+    ys, xs = np.nonzero(m)
+    reps = m[ys, xs].astype(int)
+    pts = np.repeat(np.stack([xs + 0.5, ys + 0.5], -1), reps, axis=0).astype(np.float64)
+    # Our deterministic initialisation, recomputed here.
+    mean = pts.mean(0)
+    cov = np.cov(pts.T, bias=True) + reg * np.eye(2)
+    evals, evecs = np.linalg.eigh(cov)
+    off = np.sqrt(evals[-1] - reg) * evecs[:, -1]
+    gm = GaussianMixture(
+        2,
+        covariance_type="full",
+        reg_covar=reg,
+        max_iter=n_iter,
+        tol=0.0,
+        weights_init=[0.5, 0.5],
+        means_init=np.stack([mean + off, mean - off]),
+        precisions_init=np.stack([np.linalg.inv(cov)] * 2),
+    ).fit(pts)
+    want = np.asarray(gm.means_)[np.argmax(np.asarray(gm.weights_))]
+    got = np.asarray(P.gmm_centres(jnp.asarray(m), n_iter=n_iter, reg=reg))
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_all_zero_maps_and_shapes():
+    z = jnp.zeros((2, 3, 10, 20))
+    np.testing.assert_allclose(
+        np.asarray(P.gmm_centres(z)), np.broadcast_to([10.0, 5.0], (2, 3, 2))
+    )
+    np.testing.assert_allclose(
+        np.asarray(P.mass_centres(z)), np.broadcast_to([10.0, 5.0], (2, 3, 2))
+    )
+    np.testing.assert_allclose(
+        np.asarray(P.argmax_centres(z)), np.broadcast_to([0.5, 0.5], (2, 3, 2))
+    )
+    with pytest.raises(ValueError, match="centre method"):
+        P.map_centres(z, "mode")
+    with pytest.raises(ValueError, match=r"\(\.\.\., H, W\)"):
+        P.gmm_centres(jnp.zeros(5))
+
+
+def test_jit_equals_eager_and_vmap_equals_batched():
+    rng = np.random.default_rng(1)
+    maps = jnp.asarray(rng.random((3, 4, 16, 16)).astype(np.float32) ** 4)
+    for method in P.CENTRES:
+        eager = np.asarray(P.map_centres(maps, method))
+        jitted = np.asarray(jax.jit(lambda m, method=method: P.map_centres(m, method))(maps))
+        vm = np.asarray(jax.vmap(lambda m, method=method: P.map_centres(m, method))(maps))
+        np.testing.assert_allclose(jitted, eager, atol=1e-4)
+        np.testing.assert_allclose(vm, eager, atol=1e-4)
+
+
+def test_activation_centres_follow_the_active_cell():
+    # (1, 4, 4, 2) map; channel 0 fires only at cell (row 1, col 2), channel 1 at (2, 1).
+    f = np.zeros((1, 4, 4, 2), np.float32)
+    f[0, 1, 2, 0] = 5.0
+    f[0, 2, 1, 1] = 2.0
+    c = np.asarray(P.activation_centres(jnp.asarray(f), (32, 32), "argmax"))
+    # Cell centre (j + 0.5) * 8 -> the nearest upsampled pixel centre, within half a pixel.
+    np.testing.assert_allclose(c[0], [[20.0, 12.0], [12.0, 20.0]], atol=0.5)
+    g = np.asarray(P.activation_centres(jnp.asarray(f), (32, 32), "gmm"))
+    np.testing.assert_allclose(g[0, 0], [20.0, 12.0], atol=0.6)
+    # Negative activations are ignored (rectified).
+    f[0, 0, 0, 0] = -100.0
+    c2 = np.asarray(P.activation_centres(jnp.asarray(f), (32, 32), "argmax"))
+    np.testing.assert_allclose(c2, c)
+
+
+# ------------------------------------------------------------------------ selection / predict
+def _selection_fixture():
+    # 3 images, 2 channels, 2 parts; boxes of diagonal 5 (3-4-5), 10 and 10.
+    boxes = np.array([[0, 0, 3, 4], [0, 0, 6, 8], [10, 10, 16, 18]], np.float32)
+    parts = np.array(
+        [[[1, 1], [2, 2]], [[3, 3], [0, 0]], [[12, 12], [14, 15]]], np.float32
+    )  # part 1 of image 1 invisible
+    visible = np.array([[1, 1], [1, 0], [1, 1]], bool)
+    centres = np.array(
+        [[[1, 2], [2, 2]], [[3, 3], [9, 9]], [[12, 18], [14, 15]]], np.float32
+    )  # (N, K, 2)
+    return centres, parts, visible, boxes
+
+
+def test_channel_costs_by_hand():
+    centres, parts, visible, boxes = _selection_fixture()
+    # Distances d[i, k, p] (pixels):
+    #   part 0: k0: 1, 0, 6   k1: sqrt2, 6*sqrt2, sqrt(4+9)
+    #   part 1 (images 0, 2): k0: 1, sqrt(4+9)   k1: 0, 0
+    diag = np.array([5.0, 10.0, 10.0])
+    d00 = np.array([1, 0, 6]) / diag
+    d10 = np.array([np.sqrt(2), 6 * np.sqrt(2), np.sqrt(13)]) / diag
+    d01 = np.array([1, np.sqrt(13)]) / diag[[0, 2]]
+    got = np.asarray(P.channel_costs(centres, parts, visible, boxes, "mean", True, True))
+    want = [[np.mean(d00**2), np.mean(d01**2)], [np.mean(d10**2), 0.0]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got = np.asarray(P.channel_costs(centres, parts, visible, boxes, "median", False, True))
+    want = [[np.median(d00), np.median(d01)], [np.median(d10), 0.0]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    got = np.asarray(P.channel_costs(centres, parts, visible, None, "mean", False, False))
+    want = [[7 / 3, (1 + np.sqrt(13)) / 2], [(np.sqrt(2) * 7 + np.sqrt(13)) / 3, 0.0]]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(P.select_channels(got), [0, 1])
+    with pytest.raises(ValueError, match="needs boxes"):
+        P.channel_costs(centres, parts, visible, None, normalize=True)
+    with pytest.raises(ValueError, match="visible"):
+        P.channel_costs(centres, parts, visible[:, :1], boxes)
+
+
+def test_never_visible_part_gets_no_channel_and_nan_prediction():
+    centres, parts, visible, boxes = _selection_fixture()
+    visible = visible.copy()
+    visible[:, 1] = False
+    costs = P.channel_costs(centres, parts, visible, boxes)
+    assert np.all(np.isinf(np.asarray(costs)[:, 1]))
+    ch = P.select_channels(costs)
+    np.testing.assert_array_equal(ch, [0, -1])
+    pred = P.predict_parts(centres, ch)
+    np.testing.assert_allclose(pred[:, 0], centres[:, 0])
+    assert np.all(np.isnan(pred[:, 1]))
+
+
+def test_to_image_coords_and_crop_resize_roundtrip():
+    img = np.zeros((50, 80, 3), np.uint8)
+    img[30, 60] = 255  # a bright pixel, centre (60.5, 30.5)
+    region = [40.2, 10.0, 79.6, 49.5]  # rounded outwards to [40, 10, 80, 50]
+    px, used = P.crop_resize(img, region, 40)
+    np.testing.assert_array_equal(used, [40, 10, 80, 50])
+    assert px.shape == (40, 40, 3) and px.dtype == np.float32
+    uv = np.asarray(P.argmax_centres(jnp.asarray(px[..., 0])))
+    xy = P.to_image_coords(uv[None, None], used[None], 40)[0, 0]
+    np.testing.assert_allclose(xy, [60.5, 30.5], atol=0.5)
+    np.testing.assert_allclose(
+        P.to_image_coords(np.array([[[10.0, 20.0]]]), np.array([[0, 0, 200, 100]]), 100)[0, 0],
+        [20.0, 20.0],
+    )
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        P.crop_resize(np.zeros((5, 5)), None, 4)
+
+
+# ------------------------------------------------------------------------------ the detector
+class _Tiny(nn.Module):
+    """Conv-only 'network' whose layer ``"id"`` is the input itself (channel k = colour k)."""
+
+    @nn.compact
+    def features(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        y = nn.Dense(1, name="unused")(x)
+        return y, {"id": x, "sq": x * x}
+
+    def __call__(self, x: jax.Array) -> tuple[None, dict[str, jax.Array]]:
+        return None, self.features(x)[1]
+
+
+class _FakePretrained(NamedTuple):
+    model: Any
+    variables: Any
+    preprocess: Any
+
+
+def _fake_pretrained() -> _FakePretrained:
+    model = _Tiny()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), method=model.features)
+    return _FakePretrained(model, variables, lambda raw: jnp.asarray(raw, jnp.float32) / 255.0)
+
+
+def _dot_images(n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """Images with a red dot (part 0) and a blue dot (part 1) at random places -> (imgs, xy)."""
+    imgs, xy = [], []
+    for _ in range(n):
+        h, w = rng.integers(60, 90), rng.integers(60, 90)
+        img = np.zeros((h, w, 3), np.uint8)
+        pts = []
+        for colour in (0, 2):
+            x, y = rng.integers(10, w - 10), rng.integers(10, h - 10)
+            img[y - 2 : y + 3, x - 2 : x + 3, colour] = 255
+            pts.append((x + 0.5, y + 0.5))
+        imgs.append(img)
+        xy.append(pts)
+    return imgs, np.asarray(xy, np.float32)
+
+
+@pytest.mark.parametrize("centre", ["gmm", "argmax"])
+def test_part_detector_fit_save_load_predict(tmp_path, centre):
+    rng = np.random.default_rng(0)
+    pre = _fake_pretrained()
+    imgs, xy = _dot_images(6, rng)
+    boxes = np.array([[0, 0, im.shape[1], im.shape[0]] for im in imgs], np.float32)
+    extractor = P.CentreExtractor(pre, "id", map_type="activation", centre=centre, input_size=32)
+    centres = P.compute_centres(extractor, imgs[:4], None, batch_size=3)  # (4, 3, 2)
+    assert centres.shape == (4, 3, 2)
+    visible = np.ones((4, 2), bool)
+    det = P.PartDetector.fit(
+        centres, xy[:4], visible, boxes[:4], ["red", "blue"],
+        backbone="fake", layer="id", map_type="activation", centre=centre, input_size=32,
+        gmm_pool=1,
+    )  # fmt: skip
+    np.testing.assert_array_equal(det.channels, [0, 2])  # red -> R channel, blue -> B channel
+    det.save(tmp_path)
+    det2 = P.PartDetector.load(tmp_path)
+    np.testing.assert_array_equal(det2.channels, det.channels)
+    np.testing.assert_allclose(det2.costs, det.costs)
+    assert det2.part_names == ("red", "blue") and det2.centre == centre
+    np.testing.assert_array_equal(det2.unique_channels, [0, 2])
+    # Test images: full image and box-restricted; the box around both dots.
+    pred_full = det2.predict(imgs[4:], pretrained=pre, batch_size=2)
+    # A 5-pixel dot in a 60-90 px image resized to 32 px (one input pixel ≈ 2.5 image pixels).
+    np.testing.assert_allclose(pred_full, xy[4:], atol=2.5)
+    tb = np.concatenate([xy[4:].min(1) - 6, xy[4:].max(1) + 6], axis=1)
+    pred_box = det2.predict(imgs[4:], boxes=tb, pretrained=pre, batch_size=2)
+    np.testing.assert_allclose(pred_box, xy[4:], atol=2.0)
+
+
+def test_load_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"part_detector\.json"):
+        P.PartDetector.load(tmp_path)
+
+
+def test_gradient_extractor_on_an_analytic_network():
+    """``f = x²`` elementwise: channel k's gradient map is ``2 x_k``, so centres follow colour k."""
+    pytest.importorskip("fgloc.maps.channel_gradients")
+    pre = _fake_pretrained()
+    rng = np.random.default_rng(3)
+    imgs, xy = _dot_images(2, rng)
+    ex = P.CentreExtractor(
+        pre, "sq", channels=np.array([0, 2]), map_type="gradient", centre="gmm", input_size=32,
+        gmm_pool=1,
+    )  # fmt: skip
+    c = P.compute_centres(ex, imgs, None, batch_size=2)
+    np.testing.assert_allclose(c, xy, atol=2.0)
+    ex_act = P.CentreExtractor(
+        pre, "sq", channels=np.array([0, 2]), map_type="activation", centre="gmm", input_size=32,
+        gmm_pool=1,
+    )  # fmt: skip
+    np.testing.assert_allclose(P.compute_centres(ex_act, imgs, None, batch_size=2), c, atol=0.5)
