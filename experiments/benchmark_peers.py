@@ -118,8 +118,8 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     c.layer = "stage5"
     c.channel_images = 2  # images (batch 1 each) for the all-channel gradient maps
     c.channels = 0  # 0 = all channels of the layer
-    c.chunk_size = 32  # fgloc channel_gradient_maps chunk (VJPs per vmapped chunk)
-    c.torch_vmap_chunks = (32,)  # torch.func.vmap chunk sizes tried; the best is reported
+    c.chunk_size = 16  # fgloc channel_gradient_maps chunk (VJPs per vmapped chunk); 32 ran out of memory (24 GiB)
+    c.torch_vmap_chunks = (16,)  # torch.func.vmap chunk sizes tried; the best is reported
     c.box_maps = 256
     c.box_classes = 8  # CAMs per image for the box benchmark (box_maps / num_images)
     c.topk_batch = 4  # batch of the top-k pairs

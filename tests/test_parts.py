@@ -284,3 +284,29 @@ def test_gradient_extractor_on_an_analytic_network():
         gmm_pool=1,
     )  # fmt: skip
     np.testing.assert_allclose(P.compute_centres(ex_act, imgs, None, batch_size=2), c, atol=0.5)
+
+
+def test_part_regression_recovers_linear_relation_in_frame_coordinates():
+    """Parts that are a fixed linear function of two channels' frame-relative centres are
+    recovered (to the ridge shrinkage) on new images of other sizes; NaN centres are tolerated."""
+    from fgloc.localize.parts import fit_part_regression, predict_part_regression
+
+    rng = np.random.default_rng(0)
+    n, k = 200, 6
+    frames = np.concatenate([rng.uniform(0, 50, (n, 2)), rng.uniform(100, 300, (n, 2))], 1)
+    frames[:, 2:] += frames[:, :2]
+    rel = rng.uniform(0, 1, (n, k, 2))
+    wh = frames[:, 2:] - frames[:, :2]
+    centres = frames[:, None, :2] + rel * wh[:, None]
+    part_rel = np.stack([0.5 * rel[:, 0] + 0.5 * rel[:, 3], 0.2 + 0.6 * rel[:, 1]], 1)
+    parts = frames[:, None, :2] + part_rel * wh[:, None]
+    visible = np.ones((n, 2), bool)
+    visible[::7, 1] = False
+    train, test = slice(0, 150), slice(150, None)
+    model = fit_part_regression(centres[train], parts[train], visible[train], frames[train],
+                                alphas=(1e-6,))  # fmt: skip
+    pred = predict_part_regression(model, centres[test], frames[test])
+    np.testing.assert_allclose(pred, parts[test], atol=1e-3)
+    centres[150, 2] = np.nan  # an unused channel without a centre changes nothing
+    pred2 = predict_part_regression(model, centres[test], frames[test])
+    np.testing.assert_allclose(pred2, parts[test], atol=1e-3)

@@ -21,6 +21,10 @@ Paper 1, Sections 2–3 ("Part Localization by Exploiting Deep Convolutional Net
    computed on the full image or on the image restricted to the bounding box
    (:class:`PartDetector`).
 
+Beyond the paper: :func:`fit_part_regression` learns, per part, a ridge-regularised linear map
+from the centres of *all* channels (frame-relative coordinates) to the part position, instead of
+picking one channel — the learned-mapping idea of paper 4 applied to part centres.
+
 Coordinates: ``(x, y)`` pixels, continuous, pixel ``(row j, col i)`` has its centre at
 ``(i + 0.5, j + 0.5)`` (the half-pixel convention of ``jax.image.resize`` and of boxes with
 exclusive ``x1, y1``). A region ``[x0, y0, x1, y1]`` of an image is resized to ``S × S`` network
@@ -51,9 +55,11 @@ __all__ = [
     "channel_costs",
     "compute_centres",
     "crop_resize",
+    "fit_part_regression",
     "gmm_centres",
     "map_centres",
     "mass_centres",
+    "predict_part_regression",
     "predict_parts",
     "select_channels",
     "to_image_coords",
@@ -632,3 +638,77 @@ class PartDetector:
         regions = None if boxes is None else np.asarray(boxes, np.float32)
         centres = compute_centres(extractor, images, regions, batch_size=batch_size)
         return self.predict_from_centres(centres)
+
+
+# --------------------------------------------------------------------- learned part regression
+def _frame_relative(centres: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """``centres (N, ..., 2)`` image px -> coordinates relative to ``frames (N, 4)`` (0..1)."""
+    frames = np.asarray(frames, np.float64)
+    wh = np.maximum(frames[:, 2:] - frames[:, :2], 1e-6)
+    shape = (len(frames),) + (1,) * (np.ndim(centres) - 2) + (2,)
+    return (np.asarray(centres, np.float64) - frames[:, :2].reshape(shape)) / wh.reshape(shape)
+
+
+def _regression_features(centres: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    rel = _frame_relative(centres, frames)  # (N, K, 2)
+    rel = np.where(np.isfinite(rel), rel, 0.5)  # a channel without a centre: the frame centre
+    return rel.reshape(len(rel), -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartRegression:
+    """Per-part linear maps ``(K·2) -> 2`` in frame-relative coordinates."""
+
+    coef: np.ndarray  # (P, 2, K*2)
+    intercept: np.ndarray  # (P, 2)
+    alpha: np.ndarray  # (P,) the ridge strength chosen per part
+
+
+def fit_part_regression(
+    centres: np.ndarray,
+    parts: np.ndarray,
+    visible: np.ndarray,
+    frames: np.ndarray,
+    alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0),
+) -> PartRegression:
+    """Learns part positions from all channel centres (beyond paper 1).
+
+    Args:
+      centres: ``(N, K, 2)`` activation centres of all ``K`` channels, image pixels (NaN where a
+        channel has no centre; treated as the frame centre).
+      parts: ``(N, P, 2)`` ground-truth part positions, image pixels.
+      visible: ``(N, P)`` bool.
+      frames: ``(N, 4)`` the region the centres were computed on (the box, or the whole image);
+        features and targets are relative to it, so the map transfers across image sizes.
+      alphas: ridge strengths; per part the best by leave-one-out error
+        (scikit-learn ``RidgeCV``).
+    Returns:
+      A :class:`PartRegression`; apply it with :func:`predict_part_regression`.
+    """
+    from sklearn.linear_model import RidgeCV
+
+    x = _regression_features(centres, frames)
+    y = _frame_relative(parts, frames)  # (N, P, 2)
+    visible = np.asarray(visible, bool)
+    n_parts = y.shape[1]
+    coef = np.zeros((n_parts, 2, x.shape[1]))
+    icpt = np.full((n_parts, 2), 0.5)
+    chosen = np.full(n_parts, np.nan)
+    for p in range(n_parts):
+        rows = visible[:, p] & np.all(np.isfinite(y[:, p]), -1)
+        if rows.sum() < 3:
+            continue
+        model = RidgeCV(alphas=np.asarray(alphas, np.float64)).fit(x[rows], y[rows, p])
+        coef[p], icpt[p], chosen[p] = model.coef_, model.intercept_, float(model.alpha_)
+    return PartRegression(coef, icpt, chosen)
+
+
+def predict_part_regression(
+    model: PartRegression, centres: np.ndarray, frames: np.ndarray
+) -> np.ndarray:
+    """``centres (N, K, 2)`` on ``frames (N, 4)`` -> predicted parts ``(N, P, 2)`` image px."""
+    x = _regression_features(centres, frames)
+    rel = np.einsum("nf,pcf->npc", x, model.coef) + model.intercept[None]
+    frames = np.asarray(frames, np.float64)
+    wh = frames[:, 2:] - frames[:, :2]
+    return frames[:, None, :2] + rel * wh[:, None, :]

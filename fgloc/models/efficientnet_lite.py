@@ -70,6 +70,78 @@ def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
+def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
+    """Depthwise convolution with TF "SAME" padding as a sum of ``k*k`` shifted slices.
+
+    ``x`` ``(B, H, W, C)``, ``kernel`` ``(k, k, 1, C)`` (the layout of a Flax depthwise
+    ``nn.Conv``). Mathematically identical to ``lax.conv_general_dilated`` with
+    ``feature_group_count=C``; on XLA:CPU it is several times faster, forward and backward,
+    because XLA:CPU lowers grouped convolutions to a slow generic loop (BENCHMARKS.md).
+    """
+    k = kernel.shape[0]
+    _, h, w, _ = x.shape
+    out_h, out_w = -(-h // stride), -(-w // stride)
+    pad_h = max((out_h - 1) * stride + k - h, 0)
+    pad_w = max((out_w - 1) * stride + k - w, 0)
+    xp = jnp.pad(
+        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
+    out = None
+    for dy in range(k):
+        for dx in range(k):
+            tap = xp[
+                :,
+                dy : dy + (out_h - 1) * stride + 1 : stride,
+                dx : dx + (out_w - 1) * stride + 1 : stride,
+                :,
+            ]
+            term = tap * kernel[dy, dx, 0][None, None, None, :]
+            out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+def _use_slices(impl: str) -> bool:
+    if impl not in ("auto", "slices", "conv"):
+        raise ValueError(f"depthwise must be 'auto', 'slices' or 'conv', got {impl!r}")
+    return impl == "slices" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise ``k x k`` convolution, TF "SAME" padding, no bias; parameter ``kernel``
+    ``(k, k, 1, C)`` exactly as a Flax ``nn.Conv(C, (k, k), feature_group_count=C)``.
+
+    ``impl``: ``"conv"`` (grouped ``lax.conv``), ``"slices"`` (:func:`depthwise_conv_slices`)
+    or ``"auto"`` (slices on the CPU backend, where they are faster; conv elsewhere).
+    """
+
+    kernel_size: int
+    stride: int = 1
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (self.kernel_size, self.kernel_size, 1, c)
+        )
+        kernel = jnp.asarray(kernel, x.dtype)
+        if _use_slices(self.impl):
+            return depthwise_conv_slices(x, kernel, self.stride)
+        k, s = self.kernel_size, self.stride
+        out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
+        pad_h = max((out_h - 1) * s + k - x.shape[1], 0)
+        pad_w = max((out_w - 1) * s + k - x.shape[2], 0)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (s, s),
+            ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=c,
+        )
+
+
 class MBConv(nn.Module):
     """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite)."""
 
@@ -78,6 +150,7 @@ class MBConv(nn.Module):
     expand: int
     in_ch: int
     out_ch: int
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -89,15 +162,7 @@ class MBConv(nn.Module):
         if self.expand != 1:
             h = nn.Conv(mid, (1, 1), use_bias=False, name="expand_conv")(h)
             h = relu6(bn("bn0")(h))
-        h = nn.Conv(
-            mid,
-            (self.kernel, self.kernel),
-            strides=self.stride,
-            padding="SAME",
-            feature_group_count=mid,
-            use_bias=False,
-            name="depthwise_conv",
-        )(h)
+        h = DepthwiseConv(self.kernel, self.stride, self.depthwise, name="depthwise_conv")(h)
         h = relu6(bn("bn1")(h))
         h = nn.Conv(self.out_ch, (1, 1), use_bias=False, name="project_conv")(h)
         h = bn("bn2")(h)
@@ -113,11 +178,15 @@ class EfficientNetLite(nn.Module):
     :data:`MEAN` / :data:`STD`), returns ``(logits (B, num_classes), inter)`` where ``inter``
     holds ``stem``, ``block0``..``blockN``, ``stage1``..``stage7`` (each stage's last block),
     ``pre_pool`` ``(B, H/32, W/32, 1280)`` and ``pooled`` ``(B, 1280)``.
+
+    ``depthwise`` picks the depthwise-convolution implementation (:class:`DepthwiseConv`);
+    parameters are the same for every choice.
     """
 
     variant: str = "lite0"
     num_classes: int = 1000
     dropout_rate: float | None = None
+    depthwise: str = "auto"
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -125,7 +194,7 @@ class EfficientNetLite(nn.Module):
         self.specs = block_specs(self.variant)
         self.stem_conv = nn.Conv(32, (3, 3), strides=2, padding="SAME", use_bias=False)
         self.stem_bn = nn.BatchNorm(momentum=0.99, epsilon=1e-3)
-        self.blocks = [MBConv(k, s, e, i, o) for (_, k, s, e, i, o) in self.specs]
+        self.blocks = [MBConv(k, s, e, i, o, self.depthwise) for (_, k, s, e, i, o) in self.specs]
         self.head_conv = nn.Conv(1280, (1, 1), use_bias=False)
         self.head_bn = nn.BatchNorm(momentum=0.99, epsilon=1e-3)
         rate = VARIANTS[self.variant][3] if self.dropout_rate is None else self.dropout_rate
