@@ -220,3 +220,24 @@ def test_cam_boxes_of_a_known_map_match_in_jax_and_numpy_paths():
     _, sweep = cam_cub.tune_threshold(m, sizes, gt, (0.3,), 14)
     assert sweep[0.3] >= 2 / 3  # 4- vs 8-connectivity may differ on diagonal touches
     assert jnp.asarray(gt).shape == (3, 4)
+
+
+def test_topk_imagenet_cam_is_probability_weighted_cam():
+    rng = np.random.default_rng(0)
+    fmap = rng.normal(size=(3, 4, 5, 6)).astype(np.float32)
+    kernel = rng.normal(size=(6, 10)).astype(np.float32)
+    logits = rng.normal(size=(3, 10)) * 3
+    feats = {"map_pre_pool": fmap, "logits": logits}
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    top1 = logits.argmax(1)
+    got1 = cam_cub.topk_imagenet_cam(feats, kernel, 1)
+    want1 = (
+        np.einsum("nhwk,kn->nhw", fmap, kernel[:, top1]) * prob[np.arange(3), top1][:, None, None]
+    )
+    np.testing.assert_allclose(got1, want1, rtol=1e-5, atol=1e-5)
+    got_all = cam_cub.topk_imagenet_cam(feats, kernel, 10)
+    np.testing.assert_allclose(
+        got_all, np.einsum("nhwk,kc,nc->nhw", fmap, kernel, prob), rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="imagenet_cam_topk"):
+        cam_cub.topk_imagenet_cam(feats, kernel, 0)
