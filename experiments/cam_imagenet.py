@@ -134,7 +134,7 @@ def _box_metrics(
             best = max(grid, key=lambda v: (hit[v][rest].mean(), -abs(v - config.threshold)))
             boxes[f] = per_t[best][f]
             chosen.append(best)
-        out[f"{prefix}threshold_cv"] = chosen
+        out.update({f"{prefix}threshold_cv_fold{i}": v for i, v in enumerate(chosen)})
     err = localization_error(top5, boxes[:, :5], labels, gt_boxes)
     out.update({f"{prefix}{k}": v for k, v in err.items() if "loc" in k})
     out[f"{prefix}gt_known_loc_acc"] = gt_known_loc_acc(boxes[:, 5], gt_boxes)

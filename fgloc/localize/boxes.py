@@ -61,7 +61,7 @@ def _labels_one(mask: jax.Array) -> jax.Array:
         labels, _ = state
         m = neighbour_min(labels)
         new = labels.at[labels[:n]].min(m)  # hook each pixel's root to its neighbours' minimum
-        new = new.at[:n].min(m)
+        new = jnp.concatenate([jnp.minimum(new[:n], m), new[n:]])  # elementwise, no scatter
         new = new[new]  # pointer jumping
         return new, jnp.any(new != labels)
 
