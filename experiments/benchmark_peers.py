@@ -443,8 +443,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
             "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()],
             "loadavg_at_start": os.getloadavg(),
-            "note": "shared 2-core CPU: ~8 engineers' jobs ran at the same time; contenders "
-            "were interleaved round by round so both saw the same load; medians reported",
+            "note": "contenders interleaved round by round so all see the same background "
+            "load (see the load averages); medians reported",
         },
         "versions": versions(),
         "missing_peers": missing,
@@ -862,9 +862,9 @@ def markdown(results: dict[str, Any], command: str, plot: str | None) -> str:
         "",
         f"Machine: {results['machine']['platform']}, {results['machine']['cpu_count']} CPU cores "
         f"(torch threads {results['machine']['torch_threads']}, XLA all cores), no GPU; "
-        f"**shared** with other engineers' jobs (1-min load averages at start "
+        f"1-min load averages at start "
         f"{_loads(results['machine']['loadavg_at_start'])}, at end "
-        f"{_loads(results['loadavg_at_end'])}): contenders interleaved round by round, "
+        f"{_loads(results['loadavg_at_end'])}; contenders interleaved round by round, "
         "medians reported. Images: " + results["images"] + ".",
         "",
         "| summary ratio (fgloc / peer throughput) | value | against | target | met |",

@@ -34,31 +34,16 @@ Smoke (seconds; used by ``tests/test_experiments_parts.py``)::
     python -m experiments.part_discovery_cub --data_dir ../shared/data --workdir /tmp/pd \\
         --preset smoke
 
-Measured (2026-11-23, shared 2-core CPU at load 12–22, runs/part_discovery_cub; normalised
-part error, mean of the 15 per-part errors, CUB classes 001–025 test split = 652 images):
-
-=========================================================  =====  =====  ======
-configuration (train images; test images)                    BB    Full   paper
-=========================================================  =====  =====  ======
-AlexNet pool5 activation, GMM, Eq. 3 (300; 652)            0.183  0.229  0.16/0.17 (gradient)
-AlexNet pool5 activation, MaxG (300; 652)                  0.228  0.353  0.17
-AlexNet pool5 activation, best on train: GMM, m=5 (300; 652) 0.154 0.189
-Lite0 stage6 activation, GMM (100; 100)                    0.167  0.216
-default: Lite0 stage6 activation, MaxG, m=5 (100; 100)     0.142  0.187
-baseline: mean box-relative part position (750; 652)       0.172
-baseline: box centre (652)                                 0.257
-=========================================================  =====  =====  ======
-
-Table 2 (25 classes, 200 train / 200 test images, AlexNet pool5-GAP features, parts from
-AlexNet activation GMM m=5): global only 45.0% (full) / 54.5% (box); est. parts + box 54.0%;
-est. parts + full 50.5%; GT parts + full 59.0% (paper, 200 classes, DeCAF fc: 62.53 / 60.17 /
-60.55%). The final default run over these caches took 90.7 s.
-
-2-fold CV on the training subset (m = 1, paper rule; GMM / MaxG / mass): AlexNet pool5
-activation 0.194 / 0.237 / 0.177; Lite0 stage6 activation 0.153 / 0.162 / 0.167; Lite0 stage6
-**gradient** (10 images) 0.267 / 0.316 / 0.236. Cost measured here: one AlexNet input-gradient
-pass at 227 took 0.5–0.6 s under that load (256 per training image), one Lite0 stage-6
-gradient image (192 channels) 173 s; an AlexNet forward 0.18 s.
+Measured (2026-11-23, 2-core CPU; all 652 test images; README "Paper 1" has the full table and
+both commands): default (Lite0 stage6 activation, centre of mass, per-part ridge over all 192
+channels, 750 training images) 0.078 with box / 0.112 full image; Lite0 channel selection
+(MaxG, median rule, 5 best channels) 0.127 / 0.192; AlexNet pool5 activation GMM (300) 0.183 /
+0.229; the paper's setting, AlexNet pool5 **gradient** GMM fitted on 40 training images, 0.226
+/ 0.274 (paper 0.16 / 0.17; 256 gradient maps cost ~23 s per training image here);
+mean-position baseline 0.172, box centre 0.257. Table 2 (200/200 images, parts from the default
+detector): global 45.0% (full) / 54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
+Cost: one AlexNet all-channel gradient image (256 VJPs at 227) 23 s; a Lite0 stage-6 gradient
+image (192 channels) ~20 s; activation centres are a forward pass.
 
 ``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
 ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``.
@@ -132,8 +117,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # Classification (Table 2).
     c.classify = True
     # Parts for Table 2 come from this evaluated configuration ("default" or "<candidate>.best",
-    # ".gmm", ...): AlexNet activation centres keep the part estimates for 400 images cheap.
-    c.cls_detector = "alexnet_lpips:pool5:227:activation.best"
+    # ".gmm", ".ridge", ...); activation candidates keep the estimates for 400 images cheap.
+    c.cls_detector = "default"
     c.cls_backbone = "alexnet_lpips"  # features: global average of the last conv map (pool5)
     c.cls_global_size = 227
     c.cls_patch_size = 99
@@ -382,7 +367,9 @@ def _figure(config, ann, images, idx, det_chans, workdir) -> None:
         ax.legend(loc="lower right", fontsize=8)
         ax.set_axis_off()
         axes[row, 1].imshow(summed, cmap="gray")
-        axes[row, 1].set_title(f"summed |grad| of {backbone} {layer} channels {chans.tolist()}")
+        axes[row, 1].set_title(
+            f"summed |grad| of {backbone} {layer}\nchannels {chans.tolist()}", fontsize=8
+        )
         axes[row, 1].set_axis_off()
     fig.tight_layout()
     fig.savefig(workdir / "fig2_parts.png", dpi=80)
@@ -581,7 +568,7 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
             raise ValueError(f"config.cls_detector {cd!r} is not among {sorted(evals)}")
         metrics["cls_detector"] = "{}:{}:{}:m{}".format(*evals[cd])
         metrics.update(_classify(config, ann, images, fitted[cd], evals[cd][0], evals[cd], boxes,
-                                 full, parts, visible, hw, rng, workdir))  # fmt: skip
+                                 full, parts, visible, hw, rng, workdir, ridges.get(cd)))  # fmt: skip
 
     # 5. Figure.
     if config.num_figure > 0:
@@ -594,25 +581,36 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
 
 
 def _classify(config, ann, images, chans, cand, ev, boxes, full, parts, visible, hw, rng,
-              workdir) -> dict[str, float]:  # fmt: skip
-    """Table 2: patches at the estimated / GT parts + the whole box or image, linear SVM."""
+              workdir, ridge=None) -> dict[str, float]:  # fmt: skip
+    """Table 2: patches at the estimated / GT parts + the whole box or image, linear SVM.
+
+    ``ridge``: the detector is a learned part regression (``{"bbox": model, "full": model}``)
+    over all channels; then every part gets a patch.
+    """
     _, cname, _, _ = ev
     ci = CENTRE_NAMES.index(cname)
     tr = np.sort(rng.permutation(np.flatnonzero(ann.is_train))[: config.n_cls_train or None])
     te = np.sort(np.flatnonzero(~ann.is_train)[: config.n_cls_test or None])
     both = np.concatenate([tr, te])
-    uniq = np.unique(chans.ravel()).astype(np.int32)
-    # One representative part per distinct first-choice channel (parts sharing a channel share
-    # the estimated location, so their patches would be identical).
-    first = chans[:, 0]
-    reps = np.asarray([int(np.flatnonzero(first == k)[0]) for k in np.unique(first)])
+    if ridge is not None:
+        uniq = np.arange(ridge["bbox"].coef.shape[-1] // 2, dtype=np.int32)
+        reps = np.arange(parts.shape[1])
+    else:
+        uniq = np.unique(chans.ravel()).astype(np.int32)
+        # One representative part per distinct first-choice channel (parts sharing a channel
+        # share the estimated location, so their patches would be identical).
+        first = chans[:, 0]
+        reps = np.asarray([int(np.flatnonzero(first == k)[0]) for k in np.unique(first)])
     out: dict[str, float] = {"cls_n_patches": len(reps)}
     feats = {}
     for mode, ref, bx, lam in (("bbox", boxes, boxes, 1 / 4), ("full", full, None, 1 / 9)):
         c = _centres(config, cand, both, bx, images, uniq, workdir, f"cls_{mode}")
         cfull = np.full((len(c), uniq.max() + 1, 2), np.nan, np.float32)
         cfull[:, uniq] = c[:, :, ci]
-        est = _predict(cfull, chans)[:, reps]
+        if ridge is not None:
+            est = P.predict_part_regression(ridge[mode], cfull, ref[both])
+        else:
+            est = _predict(cfull, chans)[:, reps]
         regions = _patch_regions(est, ref[both], lam, hw[both])
         ok = np.ones(regions.shape[:2], bool)
         glob = _features(config, images, both, ref[both][:, None], np.ones((len(both), 1), bool),
