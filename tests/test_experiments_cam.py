@@ -241,3 +241,16 @@ def test_topk_imagenet_cam_is_probability_weighted_cam():
     )
     with pytest.raises(ValueError, match="imagenet_cam_topk"):
         cam_cub.topk_imagenet_cam(feats, kernel, 0)
+
+
+def test_combine_cams_normalises_clips_and_resizes():
+    a = np.zeros((1, 2, 2), np.float32)
+    a[0, 0, 0] = 4.0
+    a[0, 1, 1] = -3.0  # negative evidence is clipped
+    b = np.zeros((1, 4, 4), np.float32)
+    b[0, 3, 3] = 0.5
+    out = cam_cub.combine_cams(a, b, 2.0)
+    assert out.shape == (1, 4, 4)
+    assert out.min() >= 0.0
+    np.testing.assert_allclose(out[0, 3, 3], 2.0, atol=1e-6)  # b's max -> weight; a is 0 there
+    np.testing.assert_allclose(out[0, 0, 0], 1.0, atol=1e-6)  # a's max (corner) -> 1
