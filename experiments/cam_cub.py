@@ -231,13 +231,12 @@ def maps_to_boxes(
     Returns:
       ``(N, 4)`` float64 ``[x0, y0, x1, y1]``, exclusive ends, original pixels.
     """
-    from fgloc.localize.boxes import boxes_from_maps, cam_boxes_released
-    from fgloc.maps.cam import resize_maps
+    from fgloc.localize.boxes import cam_boxes_released
 
     if rule not in ("paper", "released"):
         raise ValueError(f"box_rule must be 'paper' or 'released', got {rule!r}")
-    up = jax.jit(lambda m: resize_maps(m, (map_size, map_size)))
-    paper = jax.jit(lambda m, t: boxes_from_maps(up(m), t))
+    up = _upsampler(map_size)
+    paper = _paper_boxer(map_size)
     out = []
     for i in range(0, len(maps), chunk):
         m = jnp.asarray(maps[i : i + chunk], jnp.float32)
@@ -250,6 +249,24 @@ def maps_to_boxes(
     boxes = np.concatenate(out).reshape(-1, 4)
     scale = np.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], -1) / map_size
     return boxes * scale
+
+
+@functools.cache
+def _upsampler(map_size: int) -> Callable[[jax.Array], jax.Array]:
+    """One jitted ``(N, h, w) -> (N, S, S)`` resize per map size, shared by every call (a new
+    ``jax.jit`` per call would retrace and recompile for every threshold swept)."""
+    from fgloc.maps.cam import resize_maps
+
+    return jax.jit(lambda m: resize_maps(m, (map_size, map_size)))
+
+
+@functools.cache
+def _paper_boxer(map_size: int) -> Callable[[jax.Array, Any], jax.Array]:
+    """Jitted upsample + paper box rule; the threshold is a traced argument (no recompile)."""
+    from fgloc.localize.boxes import boxes_from_maps
+
+    up = _upsampler(map_size)
+    return jax.jit(lambda m, t: boxes_from_maps(up(m), t))
 
 
 def box_accuracy(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:

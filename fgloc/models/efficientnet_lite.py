@@ -70,6 +70,13 @@ def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding ``(before, after)`` of one spatial axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
     """Depthwise convolution with TF "SAME" padding as a sum of ``k*k`` shifted slices.
 
@@ -81,11 +88,8 @@ def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
     k = kernel.shape[0]
     _, h, w, _ = x.shape
     out_h, out_w = -(-h // stride), -(-w // stride)
-    pad_h = max((out_h - 1) * stride + k - h, 0)
-    pad_w = max((out_w - 1) * stride + k - w, 0)
-    xp = jnp.pad(
-        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
-    )
+    pads = (same_pads(h, k, stride), same_pads(w, k, stride))
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     out = None
     for dy in range(k):
         for dx in range(k):
@@ -129,14 +133,11 @@ class DepthwiseConv(nn.Module):
         if _use_slices(self.impl):
             return depthwise_conv_slices(x, kernel, self.stride)
         k, s = self.kernel_size, self.stride
-        out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
-        pad_h = max((out_h - 1) * s + k - x.shape[1], 0)
-        pad_w = max((out_w - 1) * s + k - x.shape[2], 0)
         return jax.lax.conv_general_dilated(
             x,
             kernel,
             (s, s),
-            ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)),
+            (same_pads(x.shape[1], k, s), same_pads(x.shape[2], k, s)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=c,
         )
