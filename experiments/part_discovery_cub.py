@@ -43,7 +43,8 @@ channels, 750 training images) 0.078 with box / 0.112 full image; Lite0 channel 
 mean-position baseline 0.172, box centre 0.257. Table 2 (200/200 images, parts from the default
 detector): global 45.0% (full) / 54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
 Cost: one AlexNet all-channel gradient image (256 VJPs at 227) 23 s; a Lite0 stage-6 gradient
-image (192 channels) ~20 s; activation centres are a forward pass.
+image (192 channels) 173 s on the contended machine of session 1; activation centres are a
+forward pass.
 
 ``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
 ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``.
