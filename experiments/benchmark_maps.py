@@ -12,7 +12,9 @@ median of ``repeats`` timed calls with ``block_until_ready``):
   ``stage5`` (112 channels, 14 × 14) — all 112 at batch 1, ``channels_b16`` of them at batch 16
   — reported as images × channels per second; and, in the same run, a baseline that loops in
   Python over the first ``loop_channels`` channels calling a jitted ``jax.grad`` of
-  ``Σ_{x,y} f_k`` per channel (each call its own forward), the naive way to write it;
+  ``Σ_{x,y} f_k`` per channel (each call its own forward), the naive way to write it; and the
+  same channel maps with the chunks in an XLA while loop (``loop="scan"``) instead of unrolled
+  (``scan_s``, ``unrolled_vs_scan_wall``);
 * the same channel-gradient pair for AlexNet pool5 (``alexnet_lpips``, 256 channels, paper 1's
   layer) at batch 1 when that entry loads.
 
@@ -24,6 +26,7 @@ Run (measured on the shared 2-core CPU at load average ≈ 20: the full run ≈ 
 it the per-channel loop baseline at batch 16; ``--quick`` 185 s at load ≈ 14)::
 
     nice -n 10 python -m experiments.benchmark_maps --out /tmp/benchmark_maps.json [--quick]
+    python -m experiments.benchmark_maps --out F.json --alexnet_only   # AlexNet pair, ~2 min
 """
 
 from __future__ import annotations
@@ -113,6 +116,13 @@ def _channel_pair(
     )
     ids = jnp.asarray(channels, jnp.int32)
     t_vmap, c_vmap = _time(lambda: vmapped(x, ids), repeats)
+    # the same chunks sequenced by an XLA while loop (lax.map) instead of unrolled
+    scanned = jax.jit(
+        functools.partial(
+            channel_gradient_maps, feature_fn, chunk_size=chunk_size, reduce="l2", loop="scan"
+        )
+    )
+    t_scan, c_scan = _time(lambda: scanned(x, ids), repeats)
 
     @jax.jit
     def one_channel(img: jax.Array, k: jax.Array) -> jax.Array:
@@ -137,6 +147,10 @@ def _channel_pair(
         "vmapped_cpu_s": c_vmap,
         "vmapped_image_channels_per_s": n_vmap / t_vmap,
         "vmapped_image_channels_per_cpu_s": n_vmap / c_vmap,
+        "chunks": -(-len(channels) // chunk_size),
+        "scan_s": t_scan,
+        "scan_cpu_s": c_scan,
+        "unrolled_vs_scan_wall": t_scan / t_vmap,
         "loop_channels": len(loop_ids),
         "loop_s": t_loop,
         "loop_cpu_s": c_loop,
@@ -258,9 +272,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, required=True, help="JSON file to write")
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke setting")
+    parser.add_argument(
+        "--alexnet_only", action="store_true", help="only the AlexNet pool5 channel-map pair"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    results = run(get_config(quick=args.quick))
+    config = get_config(quick=args.quick)
+    if args.alexnet_only:
+        config.batch_sizes = ()
+        if not config.alexnet:
+            parser.error("--alexnet_only needs the AlexNet entry, which --quick drops")
+    results = run(config)
     results["total_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

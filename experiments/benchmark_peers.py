@@ -442,6 +442,7 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
             "torch_threads": torch.get_num_threads(),
             "jax_backend": jax.default_backend(),
             "jax_devices": [str(d) for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loadavg_at_start": os.getloadavg(),
             "note": "contenders interleaved round by round so all see the same background "
             "load (see the load averages); medians reported",
@@ -862,6 +863,7 @@ def markdown(results: dict[str, Any], command: str, plot: str | None) -> str:
         "",
         f"Machine: {results['machine']['platform']}, {results['machine']['cpu_count']} CPU cores "
         f"(torch threads {results['machine']['torch_threads']}, XLA all cores), no GPU; "
+        f"XLA_FLAGS `{results['machine'].get('xla_flags') or '(none)'}`; "
         f"1-min load averages at start "
         f"{_loads(results['machine']['loadavg_at_start'])}, at end "
         f"{_loads(results['loadavg_at_end'])}; contenders interleaved round by round, "

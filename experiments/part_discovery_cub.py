@@ -131,6 +131,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.candidates = (
             "alexnet_lpips:pool5:67:gradient",
             "efficientnet_lite0:stage6:64:activation",
+            "efficientnet_lite0:stage6:64:gradient_relu",
         )
         c.paper_candidate = "alexnet_lpips:pool5:67:gradient"
         c.n_train_gradient = 4
@@ -145,7 +146,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.cls_global_size = 67
         c.cls_patch_size = 67
         c.limits = ()
-        c.cv_only = ()
+        c.cv_only = ("efficientnet_lite0:stage6:64:gradient_relu",)
         c.cls_detector = "default"
         c.n_cls_train = 12
         c.n_cls_test = 6
@@ -417,13 +418,13 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
     def count(cand: str, which: int) -> int:
         if cand in limits:
             return limits[cand][which]
-        grad = _parse_candidate(cand)[3] == "gradient"
+        grad = _parse_candidate(cand)[3].startswith("gradient")
         if which == 0:
             return config.n_train_gradient if grad else config.n_train_activation
         return config.n_test_gradient if grad else config.n_test_activation
 
     for cand in cands:
-        grad = _parse_candidate(cand)[3] == "gradient"
+        grad = _parse_candidate(cand)[3].startswith("gradient")
         ix = take(train_all, count(cand, 0))
         train_ix[cand] = ix
         chans = np.arange(config.max_channels, dtype=np.int32) if config.max_channels else None

@@ -113,11 +113,15 @@ def test_lite2_widths():
 
 @pytest.mark.parametrize(
     "kernel,stride,h,w",
-    [(3, 1, 7, 8), (3, 2, 7, 7), (5, 2, 8, 9), (5, 2, 9, 9), (5, 1, 6, 5), (3, 2, 1, 2)],
-)
+    [
+        (3, 1, 7, 8), (3, 2, 7, 7), (5, 2, 8, 9), (5, 2, 9, 9), (5, 1, 6, 5), (3, 2, 1, 2),
+        (5, 3, 10, 11), (2, 2, 6, 7), (1, 2, 5, 4),
+    ],
+)  # fmt: skip
 def test_depthwise_slices_equal_grouped_conv(kernel, stride, h, w):
     """The shifted-slice depthwise conv (fast on XLA:CPU) equals the grouped lax.conv with TF
-    "SAME" padding, in value and in input gradient, for odd/even sizes and both strides."""
+    "SAME" padding, in value, input gradient (the polyphase custom VJP) and kernel gradient,
+    for odd/even sizes and kernels, strides 1-3, under jit and vmap."""
     x = jax.random.normal(jax.random.key(0), (2, h, w, 6))
     slices = DepthwiseConv(kernel, stride, "slices")
     v = slices.init(jax.random.key(1), x)
@@ -129,6 +133,13 @@ def test_depthwise_slices_equal_grouped_conv(kernel, stride, h, w):
     ga = jax.grad(lambda x: jnp.sum(slices.apply(v, x) * ct))(x)
     gb = jax.grad(lambda x: jnp.sum(conv.apply(v, x) * ct))(x)
     np.testing.assert_allclose(ga, gb, rtol=0, atol=1e-5)
+    gka = jax.grad(lambda v: jnp.sum(slices.apply(v, x) * ct))(v)
+    gkb = jax.grad(lambda v: jnp.sum(conv.apply(v, x) * ct))(v)
+    np.testing.assert_allclose(gka["params"]["kernel"], gkb["params"]["kernel"], atol=1e-4)
+    # jit + vmap over cotangents (the way sensitivity and channel maps call the VJP)
+    cts = jnp.stack([ct, 2.0 * ct])
+    vjp = jax.jit(lambda x, cts: jax.vmap(jax.vjp(lambda x: slices.apply(v, x), x)[1])(cts)[0])
+    np.testing.assert_allclose(vjp(x, cts), np.stack([gb, 2.0 * gb]), rtol=0, atol=2e-5)
 
 
 def test_depthwise_impls_same_model(lite0):

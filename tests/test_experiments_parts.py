@@ -72,6 +72,12 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path):
         assert key in saved, key
     for key in ("norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox"):
         assert 0.0 < saved[key] < 1.0
+    # the rectified-gradient candidate is scored by cross-validation on the training images only
+    relu_cv = saved["train_cv.efficientnet_lite0:stage6:64:gradient_relu.gmm.paper.m1"]
+    assert 0.0 < relu_cv < 1.0
+    assert not any(
+        k.startswith("configs.efficientnet_lite0:stage6:64:gradient_relu") for k in saved
+    )
     assert 0.0 <= saved["cls_acc_global_only"] <= 1.0
     assert (tmp_path / "fig2_parts.png").is_file()
     # The box-centre baseline, recomputed independently on every test image.

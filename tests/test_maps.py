@@ -240,12 +240,17 @@ def test_channel_gradients_nonlinear_analytic_and_chunking():
     )  # (B, K, H, W, 3)
     ref = np.abs(expected).sum(-1)
     for chunk in (1, 2, 3, 64):
-        out = channel_gradient_maps(_pointwise_features, x, chunk_size=chunk, reduce="sum")
-        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6)
-    jitted = jax.jit(
-        functools.partial(channel_gradient_maps, _pointwise_features, chunk_size=2, reduce="sum")
-    )(x, jnp.array([2, 0, 1]))
-    np.testing.assert_allclose(np.asarray(jitted), ref[:, [2, 0, 1]], rtol=1e-6, atol=1e-6)
+        for loop in ("unroll", "scan"):
+            out = channel_gradient_maps(
+                _pointwise_features, x, chunk_size=chunk, reduce="sum", loop=loop
+            )
+            np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-6)
+    for loop in ("auto", "unroll", "scan"):  # traced channel ids, a ragged last chunk
+        fn = functools.partial(
+            channel_gradient_maps, _pointwise_features, chunk_size=2, reduce="sum", loop=loop
+        )
+        jitted = jax.jit(fn)(x, jnp.array([2, 0, 1]))
+        np.testing.assert_allclose(np.asarray(jitted), ref[:, [2, 0, 1]], rtol=1e-6, atol=1e-6)
     for i in range(3):
         single = channel_gradient_maps(_pointwise_features, x[i : i + 1], reduce="sum")
         np.testing.assert_allclose(np.asarray(single[0]), ref[i], rtol=1e-6, atol=1e-6)
@@ -278,5 +283,7 @@ def test_channel_gradients_bad_input():
         channel_gradient_maps(_pointwise_features, x, channels=np.array([0, 3]))
     with pytest.raises(ValueError, match="chunk_size"):
         channel_gradient_maps(_pointwise_features, x, chunk_size=0)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        channel_gradient_maps(_pointwise_features, x, loop="while")
     with pytest.raises(ValueError, match="feature_fn"):
         channel_gradient_maps(lambda im: im.sum(axis=(1, 2)), x)

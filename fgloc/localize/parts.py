@@ -47,6 +47,7 @@ from PIL import Image
 
 __all__ = [
     "CENTRES",
+    "MAP_TYPES",
     "SELECTIONS",
     "CentreExtractor",
     "PartDetector",
@@ -384,6 +385,13 @@ def _feature_fn(pretrained: Any, layer: str) -> Callable[[jax.Array], jax.Array]
     return fn
 
 
+MAP_TYPES = ("gradient", "gradient_relu", "activation")
+
+
+def _rectified(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    return lambda x: jax.nn.relu(fn(x))
+
+
 @dataclasses.dataclass
 class CentreExtractor:
     """One compiled function: raw pixels ``(B, S, S, 3)`` in [0, 255] -> centres ``(B, U, 2)``.
@@ -392,6 +400,9 @@ class CentreExtractor:
     ``Σ_{h,w} f_k(x)`` w.r.t. the (preprocessed) input, reduced over RGB by ``reduce_rgb``
     (:func:`fgloc.maps.channel_gradients.channel_gradient_maps`: forward once, vmapped VJP over
     channel chunks); the centre operator runs on device per map, so only ``(B, U, 2)`` leaves.
+    ``map_type="gradient_relu"``: the same for ``Σ_{h,w} max(f_k, 0)``, so positions where the
+    channel is negative contribute nothing (a linear-bottleneck layer such as EfficientNet's
+    block outputs is about half negative; AlexNet pool5 is already post-ReLU, where the two agree).
     ``map_type="activation"``: the channel's activation map upsampled bilinearly to
     ``act_grid × act_grid`` (default ``S × S``; a coarser grid is much cheaper for the GMM and
     loses little, the maps being 6×6 to 14×14), centres rescaled to ``S × S`` input pixels.
@@ -411,15 +422,18 @@ class CentreExtractor:
     gmm_iters: int = 30
     gmm_pool: int = 4
     act_grid: int | None = None
+    loop: str = "auto"  # gradient maps: channel-chunk sequencing, see channel_gradient_maps
 
     def __post_init__(self) -> None:
-        if self.map_type not in ("gradient", "activation"):
-            raise ValueError(f"map_type must be 'gradient' or 'activation', got {self.map_type!r}")
+        if self.map_type not in MAP_TYPES:
+            raise ValueError(f"map_type must be one of {MAP_TYPES}, got {self.map_type!r}")
         names = (self.centre,) if isinstance(self.centre, str) else tuple(self.centre)
         for c in names:
             if c not in CENTRES:
                 raise ValueError(f"centre must be among {CENTRES}, got {c!r}")
         feature_fn = _feature_fn(self.pretrained, self.layer)
+        if self.map_type == "gradient_relu":
+            feature_fn = _rectified(feature_fn)
         preprocess = self.pretrained.preprocess
         size = self.input_size
         chans = None if self.channels is None else jnp.asarray(self.channels, jnp.int32)
@@ -453,6 +467,7 @@ class CentreExtractor:
                     chunk_size=self.chunk_size,
                     reduce=self.reduce_rgb,
                     map_fn=centre_fn,
+                    loop=self.loop,
                 )
 
         self._run = jax.jit(run)

@@ -11,10 +11,19 @@ instead takes the argmax of the L2 norm over RGB (FACTS.md), hence ``reduce="l2"
 (see `fgloc.maps.sensitivity.reduce_rgb` for the choices) and `argmax_xy` as a ready ``map_fn``.
 
 Cost model: one forward pass with `jax.vjp` keeps the residuals; the K backward passes are the
-VJP applied to one-hot cotangents ``e_k`` (ones over all positions of channel ``k``), run by
-`jax.lax.map` over chunks of ``chunk_size`` channels, each chunk a `jax.vmap` of the VJP. Peak
-memory is about ``chunk_size`` backward passes, independent of K; with ``map_fn`` only its small
-per-map results leave the device.
+VJP applied to one-hot cotangents ``e_k`` (ones over all positions of channel ``k``), in
+chunks of ``chunk_size`` channels, each chunk a `jax.vmap` of the VJP. With ``map_fn`` only its
+small per-map results leave the device.
+
+The chunks run either as an unrolled sequence in one XLA program (``loop="unroll"``) or as
+`jax.lax.map` (``loop="scan"``: an XLA while loop, compile time and peak memory independent of
+the number of chunks). On XLA:CPU the while loop runs the same convolutions about 2x slower,
+even for a single chunk (measured with ``/tmp`` scripts on the 2-core CPU: AlexNet pool5, 256
+maps of one 227x227 image, chunk 32, 22.5 s with ``scan`` against 9.6 s unrolled; ``python -m
+experiments.benchmark_maps --out F.json --alexnet_only`` records both as ``scan_s`` and
+``vmapped_s``). Unrolled chunks do not share buffers on XLA:CPU, so peak memory grows with the
+number of chunks (EfficientNet-Lite0 stage6, 4 images, 6 chunks of 32: 5.2 GB unrolled, 1.5 GB
+as a loop). ``"auto"`` unrolls up to `MAX_UNROLL` chunks and falls back to the loop beyond.
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ import numpy as np
 
 from fgloc.maps.sensitivity import REDUCTIONS, reduce_rgb
 
-__all__ = ["argmax_xy", "channel_gradient_maps"]
+__all__ = ["LOOPS", "MAX_UNROLL", "argmax_xy", "channel_gradient_maps"]
+
+LOOPS = ("auto", "unroll", "scan")
+MAX_UNROLL = 16  # "auto": unroll up to this many chunks (compile time grows with the count)
 
 
 def argmax_xy(m: jax.Array) -> jax.Array:
@@ -50,6 +62,7 @@ def channel_gradient_maps(
     chunk_size: int = 64,
     reduce: str | None = "l2",
     map_fn: Callable[[jax.Array], Any] | None = None,
+    loop: str = "auto",
 ) -> Any:
     """Gradient maps of ``Σ_{i,j} f_k`` w.r.t. the input for every requested channel ``k``.
 
@@ -66,6 +79,9 @@ def channel_gradient_maps(
         keep the signed RGB gradient.
       map_fn: optional per-map reduction applied on device to each ``(H, W)`` map (``(H, W, 3)``
         if ``reduce is None``), e.g. `argmax_xy` or a GMM fit; it may return any pytree.
+      loop: how chunks are sequenced: ``"unroll"`` (one program, fastest on CPU), ``"scan"``
+        (`jax.lax.map`, compile time and peak memory independent of the number of chunks) or
+        ``"auto"`` (unroll up to `MAX_UNROLL` chunks). Results do not depend on it.
     Returns:
       Without ``map_fn``: ``(B, K', H, W)`` non-negative maps (``(B, K', H, W, 3)`` signed for
       ``reduce=None``), in feature units per input unit. With ``map_fn``: its pytree with each
@@ -77,6 +93,8 @@ def channel_gradient_maps(
         raise ValueError(f"reduce must be one of {REDUCTIONS} or None, got {reduce!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
 
     feats, vjp_fn = jax.vjp(feature_fn, images)
     if feats.ndim != 4 or feats.shape[0] != images.shape[0]:
@@ -114,8 +132,14 @@ def channel_gradient_maps(
         maps = reduce_rgb(grad, reduce)
         return maps if map_fn is None else jax.vmap(map_fn)(maps)
 
-    # lax.map with batch_size = a sequential loop over chunks, each chunk a vmap of the VJP.
-    out = jax.lax.map(one_channel, ids, batch_size=min(int(chunk_size), ids.shape[0]))
+    size = min(int(chunk_size), ids.shape[0])
+    starts = range(0, ids.shape[0], size)
+    if loop == "unroll" or (loop == "auto" and len(starts) <= MAX_UNROLL):
+        chunks = [jax.vmap(one_channel)(ids[i : i + size]) for i in starts]
+        out = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *chunks)
+    else:
+        # lax.map with batch_size: a while loop over chunks, each chunk a vmap of the VJP.
+        out = jax.lax.map(one_channel, ids, batch_size=size)
     return jax.tree_util.tree_map(
         lambda a: jnp.moveaxis(a, 0, 1), out
     )  # (K', B, ...) -> (B, K', ...)

@@ -18,6 +18,7 @@ directly to ``inter["pre_pool"]`` with the ``classifier`` kernel.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -77,14 +78,8 @@ def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
-    """Depthwise convolution with TF "SAME" padding as a sum of ``k*k`` shifted slices.
-
-    ``x`` ``(B, H, W, C)``, ``kernel`` ``(k, k, 1, C)`` (the layout of a Flax depthwise
-    ``nn.Conv``). Mathematically identical to ``lax.conv_general_dilated`` with
-    ``feature_group_count=C``; on XLA:CPU it is several times faster, forward and backward,
-    because XLA:CPU lowers grouped convolutions to a slow generic loop (BENCHMARKS.md).
-    """
+def _depthwise_forward(x: Array, kernel: Array, stride: int) -> Array:
+    """The forward sum of ``k*k`` shifted (strided) slices; see `depthwise_conv_slices`."""
     k = kernel.shape[0]
     _, h, w, _ = x.shape
     out_h, out_w = -(-h // stride), -(-w // stride)
@@ -103,6 +98,74 @@ def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
             out = term if out is None else out + term
     assert out is not None
     return out
+
+
+def depthwise_input_grad(ct: Array, kernel: Array, stride: int, in_hw: tuple[int, int]) -> Array:
+    """Input gradient of `depthwise_conv_slices`, itself a sum of shifted slices (polyphase).
+
+    With padded input index ``i = q*s + r``, ``dx_p[i] = Σ_j ct[q - j] · w[r + j*s]``: each of
+    the ``s*s`` phases ``(r_y, r_x)`` is a stride-1 correlation of the cotangent with the
+    sub-kernel ``w[r_y::s, r_x::s]``; the phases are interleaved and the padding cropped. No
+    multiplication by a dilation zero, no scatter. Autodiff of the forward slices instead pads
+    every tap's cotangent back to full size and sums ``k*k`` such tensors, 2-3x slower on
+    XLA:CPU (``tests/test_efficientnet_lite.py`` checks both agree).
+    """
+    k, s = kernel.shape[0], stride
+    h, w = in_hw
+    b, oh, ow, c = ct.shape
+    pt, pl = same_pads(h, k, s)[0], same_pads(w, k, s)[0]
+    qh, qw = -(-(h + pt) // s), -(-(w + pl) // s)  # phase rows / cols covering [0, pt + h)
+    jmax = -(-k // s)  # taps per phase along one axis, at most
+    ctp = jnp.pad(ct, ((0, 0), (jmax - 1, max(qh - oh, 0)), (jmax - 1, max(qw - ow, 0)), (0, 0)))
+    rows = []
+    for ry in range(s):
+        cols = []
+        for rx in range(s):
+            acc = jnp.zeros((b, qh, qw, c), ct.dtype)
+            for jy in range(-(-(k - ry) // s)):
+                for jx in range(-(-(k - rx) // s)):
+                    tap = ctp[
+                        :, jmax - 1 - jy : jmax - 1 - jy + qh, jmax - 1 - jx : jmax - 1 - jx + qw
+                    ]
+                    acc = acc + tap * kernel[ry + jy * s, rx + jx * s, 0][None, None, None, :]
+            cols.append(acc)
+        rows.append(jnp.stack(cols, axis=3))  # (B, qh, qw, s, C)
+    full = jnp.stack(rows, axis=2).reshape(b, qh * s, qw * s, c)  # (B, qh, s, qw, s, C)
+    return full[:, pt : pt + h, pl : pl + w, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_slices(x: Array, kernel: Array, stride: int) -> Array:
+    return _depthwise_forward(x, kernel, stride)
+
+
+def _depthwise_fwd(x, kernel, stride):
+    return _depthwise_forward(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(stride, res, ct):
+    x, kernel = res
+    dx = depthwise_input_grad(ct, kernel, stride, x.shape[1:3])
+    # The kernel gradient Σ tap · ct is what autodiff gives; unused (and removed by XLA) when
+    # only the input gradient is asked for.
+    (dk,) = jax.vjp(lambda kk: _depthwise_forward(x, kk, stride), kernel)[1](ct)
+    return dx, dk
+
+
+_depthwise_slices.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_slices(x: Array, kernel: Array, stride: int) -> Array:
+    """Depthwise convolution with TF "SAME" padding as a sum of ``k*k`` shifted slices.
+
+    ``x`` ``(B, H, W, C)``, ``kernel`` ``(k, k, 1, C)`` (the layout of a Flax depthwise
+    ``nn.Conv``). Mathematically identical to ``lax.conv_general_dilated`` with
+    ``feature_group_count=C``; on XLA:CPU it is several times faster, forward and backward,
+    because XLA:CPU lowers grouped convolutions to a slow generic loop (BENCHMARKS.md). Its
+    input gradient is `depthwise_input_grad` (a ``custom_vjp``); the kernel gradient is
+    autodiff's. Forward-mode differentiation is not defined (``custom_vjp``).
+    """
+    return _depthwise_slices(x, kernel, int(stride))
 
 
 def _use_slices(impl: str) -> bool:
