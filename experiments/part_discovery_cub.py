@@ -38,13 +38,14 @@ Measured (2026-11-23, 2-core CPU; all 652 test images; README "Paper 1" has the 
 both commands): default (Lite0 stage6 activation, centre of mass, per-part ridge over all 192
 channels, 750 training images) 0.078 with box / 0.112 full image; Lite0 channel selection
 (MaxG, median rule, 5 best channels) 0.127 / 0.192; AlexNet pool5 activation GMM (300) 0.183 /
-0.229; the paper's setting, AlexNet pool5 **gradient** GMM fitted on 40 training images, 0.226
-/ 0.274 (paper 0.16 / 0.17; 256 gradient maps cost ~23 s per training image here);
-mean-position baseline 0.172, box centre 0.257. Table 2 (200/200 images, parts from the default
-detector): global 45.0% (full) / 54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
-Cost: one AlexNet all-channel gradient image (256 VJPs at 227) 23 s; a Lite0 stage-6 gradient
-image (192 channels) 173 s on the contended machine of session 1; activation centres are a
-forward pass.
+0.229; the paper's setting, AlexNet pool5 **gradient** GMM fitted on 160 training images, 0.199
+/ 0.238 (40 images: 0.226 / 0.274; paper 0.16 / 0.17); mean-position baseline 0.172, box
+centre 0.257. Table 2 (200/200 images, parts from the default detector): global 45.0% (full) /
+54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
+Cost (2026-11-23c, with one other job on the 2 cores): an AlexNet all-channel gradient
+training image (256 VJPs at 227, GMM + MaxG + centre of mass on device) ~13 s (23 s before the
+channel chunks were unrolled); a Lite0 stage-6 gradient image (192 channels) ~17 s;
+activation centres are a forward pass.
 
 ``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
 ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``.

@@ -17,11 +17,11 @@ small per-map results leave the device.
 
 The chunks run either as an unrolled sequence in one XLA program (``loop="unroll"``) or as
 `jax.lax.map` (``loop="scan"``: an XLA while loop, compile time and peak memory independent of
-the number of chunks). On XLA:CPU the while loop runs the same convolutions about 2x slower,
-even for a single chunk (measured with ``/tmp`` scripts on the 2-core CPU: AlexNet pool5, 256
-maps of one 227x227 image, chunk 32, 22.5 s with ``scan`` against 9.6 s unrolled; ``python -m
-experiments.benchmark_maps --out F.json --alexnet_only`` records both as ``scan_s`` and
-``vmapped_s``). Unrolled chunks do not share buffers on XLA:CPU, so peak memory grows with the
+the number of chunks). On XLA:CPU the while loop runs the same convolutions 2-3x slower,
+even for a single chunk: AlexNet pool5, 256 maps of one 227x227 image, chunk 32, 2-core CPU,
+23.1 s as a loop against 8.2 s unrolled (``python -m experiments.benchmark_maps --out F.json
+--alexnet_only``; ``benchmarks/maps_alexnet_cpu_2core.json``, keys ``scan_s``, ``vmapped_s``).
+Unrolled chunks do not share buffers on XLA:CPU, so peak memory grows with the
 number of chunks (EfficientNet-Lite0 stage6, 4 images, 6 chunks of 32: 5.2 GB unrolled, 1.5 GB
 as a loop). ``"auto"`` unrolls up to `MAX_UNROLL` chunks and falls back to the loop beyond.
 """
