@@ -49,26 +49,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from fgloc.metrics import CUB_PART_NAMES
+
 NUM_CLASSES = 200
 NUM_PARTS = 15
-#: The 15 CUB part names in ``parts/parts.txt`` order (part id = index + 1).
-PART_NAMES = (
-    "back",
-    "beak",
-    "belly",
-    "breast",
-    "crown",
-    "forehead",
-    "left eye",
-    "left leg",
-    "left wing",
-    "nape",
-    "right eye",
-    "right leg",
-    "right wing",
-    "tail",
-    "throat",
-)
+#: The 15 CUB part names in ``parts/parts.txt`` order (part id = index + 1); defined once, in
+#: `fgloc.metrics` (which the part metrics need without the TFDS import).
+PART_NAMES = CUB_PART_NAMES
 ARCHIVE_NAME = "CUB_200_2011.tgz"
 FOLDER_NAME = "CUB_200_2011"
 _TEXT_FILES = (
