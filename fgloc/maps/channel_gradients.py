@@ -22,8 +22,8 @@ even for a single chunk: AlexNet pool5, 256 maps of one 227x227 image, chunk 32,
 23.1 s as a loop against 8.2 s unrolled (``python -m experiments.benchmark_maps --out F.json
 --alexnet_only``; ``benchmarks/maps_alexnet_cpu_2core.json``, keys ``scan_s``, ``vmapped_s``).
 Unrolled chunks do not share buffers on XLA:CPU, so peak memory grows with the
-number of chunks (EfficientNet-Lite0 stage6, 4 images, 6 chunks of 32: 5.2 GB unrolled, 1.5 GB
-as a loop). ``"auto"`` unrolls up to `MAX_UNROLL` chunks and falls back to the loop beyond.
+number of chunks (the "peak RSS growth" column of ``experiments/benchmark_peers.py``,
+BENCHMARKS.md: 735 MB for EfficientNet-Lite0 stage5, one image, 7 chunks of 16 unrolled). ``"auto"`` unrolls up to `MAX_UNROLL` chunks and falls back to the loop beyond.
 """
 
 from __future__ import annotations
