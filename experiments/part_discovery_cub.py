@@ -72,7 +72,6 @@ CENTRE_NAMES = P.CENTRES  # ("gmm", "argmax", "mass"): the centre axis of every 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Candidates "backbone:layer:input_size:map_type". The first is the paper's setting.
     # Candidates "backbone:layer:input_size:map_type". The paper's own setting is
     # "alexnet_lpips:pool5:227:gradient" (add it with --config.candidates / paper_candidate; its
     # all-channel gradient maps cost 256 backward passes per training image, see the docstring).
@@ -107,6 +106,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # (fgloc.localize.parts.fit_part_regression); activation candidates only (all channels at
     # test time cost one forward pass there, K backward passes for gradient maps).
     c.ridge = True
+    # Full-image rows (no box at test time): False = the channels chosen on box crops of the
+    # training images are applied to the full test image; True = channels are chosen again on
+    # the full training images, the frame they are applied in (the paper does not say which;
+    # costs the all-channel centres of the training images once more).
+    c.full_frame_fit = False
     c.ridge_alphas = (0.1, 1.0, 10.0, 100.0, 1000.0)
     c.max_channels = 0  # >0: only the first channels of the layer (smoke tests)
     c.gmm_iters = 30
@@ -149,6 +153,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.limits = ()
         c.cv_only = ("efficientnet_lite0:stage6:64:gradient_relu",)
         c.cls_detector = "default"
+        c.full_frame_fit = True  # exercise the switch
         c.n_cls_train = 12
         c.n_cls_test = 6
         c.num_figure = 1
@@ -206,26 +211,37 @@ def _centres(
     act = map_type == "activation"
     iters = config.gmm_iters_activation if act else config.gmm_iters
     key = {
-        "cand": cand, "index": index.tolist(), "boxes": boxes is not None,
-        "channels": None if channels is None else channels.tolist(),
-        "gmm": [iters, config.gmm_pool], "centres": list(CENTRE_NAMES),
+        "cand": cand, "boxes": boxes is not None,
+        "gmm": [iters, config.gmm_pool], "centres": list(CENTRE_NAMES), "cells": 1,
     }  # fmt: skip
     if act:
         key["act_grid"] = config.act_grid
 
-    def compute() -> dict[str, np.ndarray]:
-        ex = P.CentreExtractor(
-            _net(backbone), layer, channels=channels, map_type=map_type, centre=CENTRE_NAMES,
+    def extractor(chans: np.ndarray | None) -> P.CentreExtractor:
+        return P.CentreExtractor(
+            _net(backbone), layer, channels=chans, map_type=map_type, centre=CENTRE_NAMES,
             input_size=size, chunk_size=config.chunk_size, gmm_iters=iters,
             gmm_pool=config.gmm_pool, act_grid=config.act_grid if act else None,
         )  # fmt: skip
-        regions = None if boxes is None else boxes[index]
-        bar = lambda it: tqdm(it, total=len(index), desc=f"{tag} {cand}", mininterval=10)  # noqa: E731
-        c = P.compute_centres(ex, images(index), regions, config.batch_size, progress=bar)
-        return {"centres": c.astype(np.float32)}
 
-    path = workdir / "cache" / f"{tag}_{_slug(cand)}.npz"
-    return common.cached_npz(path, compute, key)["centres"]
+    n_total = extractor(None).n_channels
+    if channels is None:
+        channels = np.arange(n_total, dtype=np.int32)
+    extractors: dict[bytes, P.CentreExtractor] = {}
+
+    def compute(ids: np.ndarray, chans: np.ndarray) -> np.ndarray:
+        # One compiled extractor per channel set (the full layer when all channels are wanted).
+        ck = chans.astype(np.int32).tobytes()
+        if ck not in extractors:
+            whole = np.array_equal(chans, np.arange(n_total))
+            extractors[ck] = extractor(None if whole else chans.astype(np.int32))
+        regions = None if boxes is None else boxes[ids]
+        c = P.compute_centres(extractors[ck], images(ids), regions, config.batch_size)
+        return c.astype(np.float32)
+
+    path = workdir / "cache" / f"{tag}_{_slug(cand)}.cells.npz"
+    with tqdm(total=len(index), desc=f"{tag} {cand}", mininterval=10) as bar:
+        return common.cached_cells(path, key, index, channels, compute, progress=bar.update)
 
 
 def _predict(centres: np.ndarray, chans: np.ndarray) -> np.ndarray:
@@ -489,8 +505,8 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         evals = {k: v for k, v in evals.items() if k in keep}
 
     # 3. Test: centres of the selected channels only.
-    fitted = {}
-    need: dict[str, set[int]] = {c: set() for c in cands}
+    fitted, fitted_full = {}, {}
+    need: dict[tuple[str, str], set[int]] = {(c, m): set() for c in cands for m in ("bbox", "full")}
     ridges: dict[str, dict[str, Any]] = {}
     for name, (cand, cname, sel, m) in evals.items():
         ci = CENTRE_NAMES.index(cname)
@@ -506,21 +522,28 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
                 "full": P.fit_part_regression(tr_full[:, :, ci], parts[ix], visible[ix],
                                               full[ix], config.ridge_alphas),
             }  # fmt: skip
-            need[cand].update(int(k) for k in chans_all)
+            need[(cand, "bbox")].update(int(k) for k in chans_all)
+            need[(cand, "full")].update(int(k) for k in chans_all)
             # "channel.<part>" for a ridge configuration: the paper rule's channel (reporting).
             chans, _ = _fit(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix], "paper", 1)
         else:
             chans, _ = _fit(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
         fitted[name] = chans
-        need[cand].update(int(k) for k in chans.ravel())
+        need[(cand, "bbox")].update(int(k) for k in chans.ravel())
+        if config.full_frame_fit and sel != "ridge":
+            chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)  # training channels
+            tr_full = _centres(config, cand, ix, None, images, chans_all, workdir, "train_full")
+            chans, _ = _fit(tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
+            fitted_full[name] = chans
+        need[(cand, "full")].update(int(k) for k in fitted_full.get(name, fitted[name]).ravel())
     test_c: dict[tuple[str, str], np.ndarray] = {}
     test_ix = {}
     for cand in cands:
-        if not need[cand]:
+        if not need[(cand, "bbox")]:
             continue
         test_ix[cand] = take(test_all, count(cand, 1))
-        uniq = np.asarray(sorted(need[cand]), np.int32)
         for mode, bx in (("bbox", boxes), ("full", None)):
+            uniq = np.asarray(sorted(need[(cand, mode)]), np.int32)
             c = _centres(config, cand, test_ix[cand], bx, images, uniq, workdir, f"test_{mode}")
             full_c = np.full((len(c), max(uniq) + 1, len(CENTRE_NAMES), 2), np.nan, np.float32)
             full_c[:, uniq] = c
@@ -537,7 +560,8 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
                     ridges[name][mode], test_c[(cand, mode)][:, :, ci], frame
                 )
             else:
-                pred = _predict(test_c[(cand, mode)][:, :, ci], fitted[name])
+                chans = fitted_full.get(name, fitted[name]) if mode == "full" else fitted[name]
+                pred = _predict(test_c[(cand, mode)][:, :, ci], chans)
             per, mean = _error(pred, parts[ix], visible[ix], boxes[ix])
             table[(name, mode)] = (per, mean)
             metrics[f"configs.{name}.norm_part_error_{mode}"] = mean
@@ -554,6 +578,8 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         metrics[f"per_part_full.{name}"] = float(table[(d, "full")][0][p])
         metrics[f"channel.{name}"] = int(fitted[d][p, 0])
         metrics[f"channel_paper.{name}"] = int(fitted["paper_gmm"][p, 0])
+        if d in fitted_full:
+            metrics[f"channel_full.{name}"] = int(fitted_full[d][p, 0])
     cand, *_ = evals[d]
     metrics["backbone"], metrics["layer"] = _parse_candidate(cand)[:2]
     metrics["map_type"] = _parse_candidate(cand)[3]

@@ -73,6 +73,70 @@ def test_cached_npz_recomputes_only_when_key_changes(tmp_path):
     assert len(calls) == 2
 
 
+def _cell_compute(calls):
+    def compute(rows, cols):
+        calls.append((rows.tolist(), cols.tolist()))
+        # a (2,)-shaped cell per (row, column): (10 * row + column, row)
+        r, c = np.meshgrid(rows, cols, indexing="ij")
+        return np.stack([10.0 * r + c, 1.0 * r], -1).astype(np.float32)
+
+    return compute
+
+
+def test_cached_cells_computes_only_missing_cells(tmp_path):
+    calls = []
+    path = tmp_path / "c.cells.npz"
+    a = common.cached_cells(path, {"k": 1}, [3, 1], [0, 2], _cell_compute(calls))
+    assert calls == [([3, 1], [0, 2])]
+    np.testing.assert_array_equal(a[..., 0], [[30, 32], [10, 12]])
+    # Row 1 is cached for column 2; row 5 and column 7 are new.
+    calls.clear()
+    b = common.cached_cells(path, {"k": 1}, [1, 5], [7, 2], _cell_compute(calls))
+    assert sorted(calls) == [([1], [7]), ([5], [7, 2])]
+    np.testing.assert_array_equal(b[..., 0], [[17, 12], [57, 52]])
+    np.testing.assert_array_equal(b[..., 1], [[1, 1], [5, 5]])
+    # Everything cached now: no compute; a subset in another order comes back in that order.
+    calls.clear()
+    c = common.cached_cells(path, {"k": 1}, [5, 1], [2, 7], _cell_compute(calls))
+    assert calls == []
+    np.testing.assert_array_equal(c[..., 0], [[52, 57], [12, 17]])
+    # (5, 0) was never asked for: only that cell is computed.
+    common.cached_cells(path, {"k": 1}, [5, 3], [2, 0], _cell_compute(calls))
+    assert calls == [([5], [0])]
+    calls.clear()
+    # Another key replaces the file.
+    common.cached_cells(path, {"k": 2}, [5], [2], _cell_compute(calls))
+    assert calls == [([5], [2])]
+
+
+def test_cached_cells_resumes_after_an_interruption(tmp_path):
+    calls = []
+    inner = _cell_compute(calls)
+
+    def failing(rows, cols):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return inner(rows, cols)
+
+    path = tmp_path / "c.cells.npz"
+    with pytest.raises(KeyboardInterrupt):
+        common.cached_cells(path, {"k": 1}, range(7), [4], failing, chunk=3)
+    assert calls == [([0, 1, 2], [4]), ([3, 4, 5], [4])]  # two chunks saved before the failure
+    calls.clear()
+    done = []
+    out = common.cached_cells(path, {"k": 1}, range(7), [4], inner, chunk=3, progress=done.append)
+    assert calls == [([6], [4])]
+    assert done == [6, 1]
+    np.testing.assert_array_equal(out[:, 0, 0], 10.0 * np.arange(7) + 4)
+
+
+def test_cached_cells_rejects_repeated_ids_and_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="rows has repeated ids"):
+        common.cached_cells(tmp_path / "c.npz", {}, [1, 1], [0], _cell_compute([]))
+    with pytest.raises(ValueError, match=r"compute returned \(1, 1, 2\), want \(2, 1"):
+        common.cached_cells(tmp_path / "c.npz", {}, [1, 2], [0], lambda r, c: np.zeros((1, 1, 2)))
+
+
 def test_main_writes_metrics_and_config(tmp_path):
     def run(config, data_dir, workdir):
         return {"n_images": 2, "value": config.lr * 2}

@@ -51,7 +51,7 @@ def test_predict_averages_the_m_best_channels():
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_smoke_run_on_real_cub(cub_dir, tmp_path):
+def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     from experiments import common
     from fgloc.data.cub import read_cub
     from fgloc.metrics import normalized_part_error
@@ -67,7 +67,7 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path):
         "cls_acc_est_parts_bbox", "cls_acc_est_parts_full", "cls_acc_gt_parts_full",
         "cls_acc_global_only", "n_images", "backbone", "layer", "seconds",
         "per_part.beak", "channel.beak", "configs.paper_gmm.norm_part_error_bbox",
-        "baseline.mean_position", "baseline.box_centre",
+        "baseline.mean_position", "baseline.box_centre", "channel_full.beak",
     ):  # fmt: skip
         assert key in saved, key
     for key in ("norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox"):
@@ -88,3 +88,16 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path):
     _, want = normalized_part_error(pred, ann.parts[te], ann.visible[te], ann.boxes[te])
     assert saved["baseline.box_centre"] == pytest.approx(want, rel=1e-6)
     assert metrics["n_test"] == int(te.sum())
+
+    # A second run over the same workdir reuses every cached centre and reproduces the numbers.
+    def no_compute(*args, **kwargs):
+        raise AssertionError("centres recomputed although cached")
+
+    monkeypatch.setattr(E.P, "compute_centres", no_compute)
+    again = common.main(
+        E.get_config,
+        E.run,
+        argv=["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path), "--preset", "smoke"],
+    )
+    for key in ("norm_part_error_bbox", "norm_part_error_full", "cls_acc_est_parts_bbox"):
+        assert again[key] == metrics[key], key

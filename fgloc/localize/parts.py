@@ -471,6 +471,15 @@ class CentreExtractor:
                 )
 
         self._run = jax.jit(run)
+        self._n_channels = lambda: jax.eval_shape(
+            lambda x: feature_fn(preprocess(x)),
+            jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+        ).shape[-1]
+
+    @property
+    def n_channels(self) -> int:
+        """Channels of ``layer`` (all of them, whatever ``channels`` selects); shape-only, no compute."""
+        return int(self._n_channels())
 
     def __call__(self, raw: jax.Array | np.ndarray) -> jax.Array:
         raw = jnp.asarray(raw, jnp.float32)
