@@ -51,7 +51,9 @@ channel chunks were unrolled); a Lite0 stage-6 gradient image (192 channels) ~17
 activation centres are a forward pass.
 
 ``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
-``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``.
+``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``,
+``train_oracle.<candidate>.<centre>`` (each part's best single channel, chosen and scored on
+the same training images: the floor of one-channel selection on that network).
 """
 
 from __future__ import annotations
@@ -459,6 +461,14 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
                     )  # fmt: skip
                     scores.append((err if np.isfinite(err) else np.inf, cand, cname, sel, m))
                     metrics[f"train_cv.{cand}.{cname}.{sel}.m{m}"] = err
+        for ci, cname in enumerate(CENTRE_NAMES):
+            # Floor of one-channel-per-part selection on this network: each part's best channel
+            # chosen *and* scored on the same training images (mean normalised distance).
+            costs = np.asarray(
+                P.channel_costs(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix],
+                                "mean", squared=False, normalize=True)
+            ).min(axis=0)  # fmt: skip
+            metrics[f"train_oracle.{cand}.{cname}"] = float(np.mean(costs[np.isfinite(costs)]))
         if config.ridge and not grad:
             for ci, cname in enumerate(CENTRE_NAMES):
                 err = _cv_ridge(config, train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix])

@@ -72,6 +72,20 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
         assert key in saved, key
     for key in ("norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox"):
         assert 0.0 < saved[key] < 1.0
+    # The one-channel floor, recomputed by brute force from the cached training centres.
+    cand = "alexnet_lpips:pool5:67:gradient"
+    ann = read_cub(cub_dir)
+    with np.load(tmp_path / "cache" / f"train_{E._slug(cand)}.cells.npz") as cache:
+        rows, cent = cache["rows"], cache["values"]  # (N,), (N, K, 3, 2)
+    diag = np.hypot(*(ann.boxes[rows, 2:] - ann.boxes[rows, :2]).T)
+    for ci, c in enumerate(("gmm", "argmax", "mass")):
+        floors = []
+        for p in range(ann.parts.shape[1]):
+            vis = ann.visible[rows, p].astype(bool)
+            if vis.any():
+                d = np.linalg.norm(cent[vis, :, ci] - ann.parts[rows[vis], None, p], axis=-1)
+                floors.append(min((d / diag[vis, None]).mean(axis=0)))
+        assert saved[f"train_oracle.{cand}.{c}"] == pytest.approx(np.mean(floors), rel=1e-5)
     # the rectified-gradient candidate is scored by cross-validation on the training images only
     relu_cv = saved["train_cv.efficientnet_lite0:stage6:64:gradient_relu.gmm.paper.m1"]
     assert 0.0 < relu_cv < 1.0
@@ -81,7 +95,6 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     assert 0.0 <= saved["cls_acc_global_only"] <= 1.0
     assert (tmp_path / "fig2_parts.png").is_file()
     # The box-centre baseline, recomputed independently on every test image.
-    ann = read_cub(cub_dir)
     te = ~ann.is_train
     centre = (ann.boxes[te, :2] + ann.boxes[te, 2:]) / 2
     pred = np.repeat(centre[:, None], ann.parts.shape[1], 1)
