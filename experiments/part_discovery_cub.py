@@ -32,6 +32,20 @@ Command (the numbers in the README snippet come from it)::
     nice -n 10 python -m experiments.part_discovery_cub --data_dir ../shared/data \\
         --workdir runs/part_discovery_cub
 
+The paper's own network, Caffe's AlexNet as in DeCAF, is not installable here; a user who has
+BVLC CaffeNet's deploy prototxt and caffemodel converts it once and names it as the backbone
+``caffe=PATH`` (a path without ``:``; any Caffe blob is a layer)::
+
+    python -m weights_conversion.caffe deploy.prototxt bvlc_reference_caffenet.caffemodel \
+        W/caffenet.npz
+    python -m experiments.part_discovery_cub --data_dir ../shared/data --workdir W \
+        --config.candidates='("caffe=W/caffenet.npz:pool5:227:gradient",)' \
+        --config.paper_candidate=caffe=W/caffenet.npz:pool5:227:gradient \
+        --config.cv_only='()' --config.classify=False \
+        --config.limits='("caffe=W/caffenet.npz:pool5:227:gradient=400,0",)'
+
+(tested on a small synthetic Caffe net in ``tests/test_convert_caffe.py``, not on CaffeNet.)
+
 Smoke (seconds; used by ``tests/test_experiments_parts.py``)::
 
     python -m experiments.part_discovery_cub --data_dir ../shared/data --workdir /tmp/pd \\
@@ -60,6 +74,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,7 +194,8 @@ def _parse_candidate(text: str) -> tuple[str, str, int, str]:
 
 
 def _slug(text: str) -> str:
-    return text.replace(":", "_")
+    """A file-name-safe form of a candidate (``caffe=PATH`` backbones hold a path)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
 class _Images:
@@ -203,7 +219,8 @@ def _net(name: str) -> Any:
     import fgloc
 
     if name not in _NETS:
-        _NETS[name] = fgloc.pretrained(name)
+        kind, sep, path = name.partition("=")  # "caffe=PATH.npz": a converted Caffe net
+        _NETS[name] = fgloc.pretrained(kind, weights=path) if sep else fgloc.pretrained(name)
     return _NETS[name]
 
 

