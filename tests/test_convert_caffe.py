@@ -719,3 +719,23 @@ def test_converted_caffe_net_as_pretrained_backbone(tmp_path):
         fgloc.pretrained("caffe")
     with pytest.raises(FileNotFoundError, match="nothere.npz"):
         fgloc.pretrained("caffe", weights=tmp_path / "nothere.npz")
+
+
+def test_part_discovery_runs_on_a_converted_caffe_net(cub_dir, tmp_path):
+    """End to end on real CUB images with a `caffe=PATH` candidate (synthetic weights)."""
+    from experiments import common
+    from experiments import part_discovery_cub as E
+
+    layers = tiny_layers()
+    proto, caffemodel = write_files(tmp_path, layers, TINY_INPUT, random_blobs(layers, seed=3))
+    npz = C.main_convert(proto, caffemodel, tmp_path / "tiny.npz")
+    cand = f"caffe={npz}:conv2:32:gradient"
+    argv = ["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path / "w")]
+    argv += ["--preset", "smoke", f"--config.candidates=('{cand}',)"]
+    argv += [f"--config.paper_candidate={cand}", "--config.cv_only=()", "--config.classify=False"]
+    argv += ["--config.max_channels=0", "--config.num_figure=0", f"--config.limits=('{cand}=4,2',)"]
+    m = common.main(E.get_config, E.run, argv=argv)
+    assert m["backbone"] == f"caffe={npz}" and m["layer"] == "conv2"
+    assert m["configs.paper_gmm.n_test"] == 2
+    assert 0.0 < m["norm_part_error_bbox"] < 1.0
+    assert 0.0 < m[f"train_oracle.{cand}.gmm"] < 1.0
