@@ -69,7 +69,8 @@ activation centres are a forward pass.
 ``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
 ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``,
 ``train_oracle.<candidate>.<centre>`` (each part's best single channel, chosen and scored on
-the same training images: the floor of one-channel selection on that network).
+the same training images: the floor of one-channel selection on that network; with
+``full_frame_fit`` also ``train_oracle_full.<candidate>.<centre>`` on full training images).
 """
 
 from __future__ import annotations
@@ -271,6 +272,15 @@ def _centres(
 def _predict(centres: np.ndarray, chans: np.ndarray) -> np.ndarray:
     """``centres (N, K, 2)``, ``chans (P, m)`` -> mean centre of each part's m channels (N, P, 2)."""
     return np.nanmean(centres[:, chans, :], axis=2)
+
+
+def _oracle(centres, parts, visible, boxes) -> float:
+    """Floor of one-channel-per-part selection: each part's best channel chosen *and* scored on
+    the same images (mean normalised distance), averaged over parts."""
+    costs = np.asarray(
+        P.channel_costs(centres, parts, visible, boxes, "mean", squared=False, normalize=True)
+    ).min(axis=0)
+    return float(np.mean(costs[np.isfinite(costs)]))
 
 
 def _fit(centres, parts, visible, boxes, selection, m) -> tuple[np.ndarray, np.ndarray]:
@@ -481,13 +491,8 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
                     scores.append((err if np.isfinite(err) else np.inf, cand, cname, sel, m))
                     metrics[f"train_cv.{cand}.{cname}.{sel}.m{m}"] = err
         for ci, cname in enumerate(CENTRE_NAMES):
-            # Floor of one-channel-per-part selection on this network: each part's best channel
-            # chosen *and* scored on the same training images (mean normalised distance).
-            costs = np.asarray(
-                P.channel_costs(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix],
-                                "mean", squared=False, normalize=True)
-            ).min(axis=0)  # fmt: skip
-            metrics[f"train_oracle.{cand}.{cname}"] = float(np.mean(costs[np.isfinite(costs)]))
+            oracle = _oracle(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix])
+            metrics[f"train_oracle.{cand}.{cname}"] = oracle
         if config.ridge and not grad:
             for ci, cname in enumerate(CENTRE_NAMES):
                 err = _cv_ridge(config, train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix])
@@ -567,6 +572,9 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
             tr_full = _centres(config, cand, ix, None, images, chans_all, workdir, "train_full")
             chans, _ = _fit(tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
             fitted_full[name] = chans
+            metrics[f"train_oracle_full.{cand}.{cname}"] = _oracle(
+                tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix]
+            )
         need[(cand, "full")].update(int(k) for k in fitted_full.get(name, fitted[name]).ravel())
     test_c: dict[tuple[str, str], np.ndarray] = {}
     test_ix = {}

@@ -68,6 +68,7 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
         "cls_acc_global_only", "n_images", "backbone", "layer", "seconds",
         "per_part.beak", "channel.beak", "configs.paper_gmm.norm_part_error_bbox",
         "baseline.mean_position", "baseline.box_centre", "channel_full.beak",
+        "train_oracle_full.alexnet_lpips:pool5:67:gradient.gmm",
     ):  # fmt: skip
         assert key in saved, key
     for key in ("norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox"):
