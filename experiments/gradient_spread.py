@@ -191,7 +191,7 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         "n_gate_images": config.n_gate_images,
     }
     nets: dict[str, Any] = {}
-    for cand in config.candidates:
+    for cand in list(config.candidates):
         try:
             backbone, layer, size_text = cand.split(":")
             size = int(size_text)

@@ -52,7 +52,7 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path):
         argv=["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path), "--preset", "smoke"],
     )
     m = json.loads((tmp_path / "metrics.json").read_text())
-    for cand in G.get_config("smoke").candidates:
+    for cand in list(G.get_config("smoke").candidates):
         assert 0.0 < m[f"{cand}.participation_ratio"] <= 1.0
         assert 0.0 <= m[f"{cand}.displacement"] < 1.5
         assert 0.0 < m[f"{cand}.gates.zero"] < 1.0
