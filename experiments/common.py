@@ -172,6 +172,11 @@ def write_metrics(workdir: str | pathlib.Path, metrics: Mapping[str, Any]) -> pa
     return path
 
 
+def _digest(key: Any) -> str:
+    """SHA-256 of a JSON-serialisable cache key (sorted keys; other objects by ``str``)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def cached_npz(
     path: str | pathlib.Path,
     compute: Callable[[], Mapping[str, np.ndarray]],
@@ -184,7 +189,7 @@ def cached_npz(
     recomputes instead of silently reusing stale features.
     """
     path = pathlib.Path(path)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    digest = _digest(key)
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             if "__key__" in data and str(data["__key__"]) == digest:
@@ -218,7 +223,7 @@ def cached_cells(
     number of rows finished after each chunk. A file written for another `key` is replaced.
     """
     path = pathlib.Path(path)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    digest = _digest(key)
     rows = np.asarray(rows, np.int64).reshape(-1)
     cols = np.asarray(cols, np.int64).reshape(-1)
     for name, ids in (("rows", rows), ("cols", cols)):

@@ -109,11 +109,10 @@ def gate_stats(pretrained: Any, layer: str, x: np.ndarray) -> dict[str, float]:
     Returns ``units`` (gate units counted), ``zero`` and, for EfficientNet-Lite, ``saturated``
     (shares of those units), and ``identity_skips`` (residual connections on the way).
     """
-    model, variables = pretrained.model, pretrained.variables
-    specs = getattr(model, "variant", None)
-    if specs is not None:  # EfficientNet-Lite: stem, then per block (expansion), depthwise
-        from fgloc.models.efficientnet_lite import block_specs
+    from fgloc.models.efficientnet_lite import EfficientNetLite, block_specs
 
+    model, variables = pretrained.model, pretrained.variables
+    if isinstance(model, EfficientNetLite):  # stem, then per block (expansion), depthwise
         stage = int(layer.removeprefix("stage")) if layer.startswith("stage") else None
         if stage is None:
             raise ValueError(f"gate_stats: EfficientNet-Lite layer must be 'stageN', got {layer!r}")

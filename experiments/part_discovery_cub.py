@@ -545,6 +545,17 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
     fitted, fitted_full = {}, {}
     need: dict[tuple[str, str], set[int]] = {(c, m): set() for c in cands for m in ("bbox", "full")}
     ridges: dict[str, dict[str, Any]] = {}
+    train_full: dict[str, np.ndarray] = {}
+
+    def full_centres(cand: str) -> np.ndarray:
+        """All training channels' centres on the full training images (cached per candidate)."""
+        if cand not in train_full:
+            chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)
+            train_full[cand] = _centres(
+                config, cand, train_ix[cand], None, images, chans_all, workdir, "train_full"
+            )
+        return train_full[cand]
+
     for name, (cand, cname, sel, m) in evals.items():
         ci = CENTRE_NAMES.index(cname)
         ix = train_ix[cand]
@@ -552,7 +563,7 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
             # Box mode: fitted on the box-crop centres; full mode: on full-image centres of the
             # same training images (the frame the test centres will be computed in).
             chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)
-            tr_full = _centres(config, cand, ix, None, images, chans_all, workdir, "train_full")
+            tr_full = full_centres(cand)
             ridges[name] = {
                 "bbox": P.fit_part_regression(train_c[cand][:, :, ci], parts[ix], visible[ix],
                                               boxes[ix], config.ridge_alphas),
@@ -568,8 +579,7 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         fitted[name] = chans
         need[(cand, "bbox")].update(int(k) for k in chans.ravel())
         if config.full_frame_fit and sel != "ridge":
-            chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)  # training channels
-            tr_full = _centres(config, cand, ix, None, images, chans_all, workdir, "train_full")
+            tr_full = full_centres(cand)
             chans, _ = _fit(tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
             fitted_full[name] = chans
             metrics[f"train_oracle_full.{cand}.{cname}"] = _oracle(

@@ -374,8 +374,10 @@ def crop_resize(
 
 def _feature_fn(pretrained: Any, layer: str) -> Callable[[jax.Array], jax.Array]:
     """``x (B, S, S, 3)`` network input -> intermediate ``layer`` ``(B, h, w, C)``."""
+    from fgloc.models.caffe_graph import CaffeGraph
+
     model, variables = pretrained.model, pretrained.variables
-    if hasattr(model, "features_blob") and hasattr(model, "spec"):
+    if isinstance(model, CaffeGraph):
         # A CaffeGraph's `features` stop at `features_blob`: run it up to the wanted blob.
         model = model.clone(features_blob=layer)
 
