@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgloc.models.alexnet import AlexNet, adaptive_avg_pool, torch_max_pool
+from fgloc.models.alexnet import AlexNet
 from fgloc.models.googlenet import GoogLeNet, local_response_norm
+from fgloc.models.layers import adaptive_avg_pool, torch_max_pool
 from fgloc.models.resnet import ResNet
 from fgloc.models.vgg import VGG16
 from weights_conversion import torchvision as tv

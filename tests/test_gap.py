@@ -20,9 +20,11 @@ class ToyBackbone(nn.Module):
     """Two strided convs; ``features`` returns ``(conv2, {"conv1", "conv2"})``."""
 
     @nn.compact
-    def features(self, x, train=False):
+    def features(self, x, train=False, stop_at=None):
         del train
         h1 = nn.Conv(4, (3, 3), strides=2, name="conv1")(x)
+        if stop_at == "conv1":
+            return h1, {"conv1": h1}
         h2 = nn.Conv(6, (3, 3), strides=2, name="conv2")(nn.relu(h1))
         return h2, {"conv1": h1, "conv2": h2}
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from fgloc.models.alexnet import AlexNet
+from fgloc.models.efficientnet_lite import EfficientNetLite
 from fgloc.models.googlenet import GoogLeNet
-from fgloc.models.resnet import ResNet50
+from fgloc.models.resnet import ResNet, ResNet50
 from fgloc.models.vgg import VGG16
 from weights_conversion import torchvision as tv
 from weights_conversion.merge import flatten
@@ -143,3 +144,30 @@ def test_alexnet_pool_is_differentiable():
     eps = 1e-3
     fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
     np.testing.assert_allclose(fd, jnp.vdot(g, d), rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("make", "layer", "size"),
+    [
+        (lambda: AlexNet(num_classes=None), "conv3", 67),
+        (lambda: VGG16(num_classes=None), "pool2", 32),
+        (lambda: EfficientNetLite(variant="lite0", num_classes=5), "stage4", 64),
+        (lambda: EfficientNetLite(variant="lite0", num_classes=5), "block3", 64),
+        (lambda: ResNet(stage_sizes=(1, 1), num_classes=None), "layer1", 64),
+    ],
+)
+def test_layer_output_stops_early_and_matches_the_full_trunk(make, layer, size):
+    """The model contract: ``features(x, stop_at=L)`` computes nothing past ``L`` (fewer
+    intermediates, no later layer) and gives the same ``L`` as the full trunk."""
+    from fgloc.models.layers import layer_output
+
+    model = make()
+    x = jax.random.normal(jax.random.key(0), (1, size, size, 3))
+    variables = model.init(jax.random.key(1), x, method=model.features)
+    _, full = model.apply(variables, x, method=model.features)
+    out, part = model.apply(variables, x, False, layer, method=model.features)
+    assert list(part)[-1] == layer and len(part) < len(full)
+    np.testing.assert_allclose(out, full[layer], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layer_output(model, variables, x, layer), full[layer], rtol=1e-6)
+    with pytest.raises(KeyError, match="no layer 'nope'"):
+        layer_output(model, variables, x, "nope")

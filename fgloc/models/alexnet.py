@@ -19,86 +19,18 @@ onto these kernels, so flatten order is handled once, there.
 pool5 is the DeCAF layer of Simon et al. 2014 (paper 1): 256 channels, ``(B, 6, 6, 256)`` at a
 224 or 227 input. The smallest input with a non-empty pool5 is 63x63.
 
-This module also holds the two torch pooling semantics the torchvision-layout models share:
-``adaptive_avg_pool`` and ``torch_max_pool`` (with ``ceil_mode``).
+The torch pooling semantics the torchvision-layout models share (``adaptive_avg_pool``,
+``torch_max_pool``) live in `fgloc.models.layers`.
 """
 
 from __future__ import annotations
 
-import math
+from functools import partial
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-
-def _adaptive_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """Averaging matrix ``(out_size, in_size)`` of torch's adaptive pooling along one axis.
-
-    Bin ``i`` covers input indices ``[floor(i * in / out), ceil((i + 1) * in / out))``, exactly
-    as ``torch.nn.AdaptiveAvgPool2d`` (bins overlap or repeat when ``in < out``).
-    """
-    m = np.zeros((out_size, in_size), np.float32)
-    for i in range(out_size):
-        start = (i * in_size) // out_size
-        end = -((-(i + 1) * in_size) // out_size)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
-
-
-def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-    """torch ``AdaptiveAvgPool2d`` on NHWC: ``(B, H, W, C) -> (B, oh, ow, C)``.
-
-    Written as two small averaging matrices (static shapes, one ``einsum``), so it is exact for
-    any ``H, W`` — including ``H < oh``, where torch repeats input rows.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"adaptive_avg_pool expects (B, H, W, C), got shape {x.shape}")
-    mh = jnp.asarray(_adaptive_matrix(x.shape[1], output_size[0]), x.dtype)
-    mw = jnp.asarray(_adaptive_matrix(x.shape[2], output_size[1]), x.dtype)
-    return jnp.einsum("ih,bhwc,jw->bijc", mh, x, mw)
-
-
-def _torch_pool_pad(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
-    """(low, high) padding so a VALID window gives torch's ``MaxPool2d`` output length."""
-    if ceil_mode:
-        out = math.ceil((size + 2 * p - k) / s) + 1
-        # torch: the last window must start inside the input or the left padding.
-        if (out - 1) * s >= size + p:
-            out -= 1
-    else:
-        out = (size + 2 * p - k) // s + 1
-    high = max((out - 1) * s + k - size - p, 0)
-    return p, high
-
-
-def torch_max_pool(
-    x: jax.Array,
-    kernel: int,
-    stride: int,
-    padding: int = 0,
-    ceil_mode: bool = False,
-) -> jax.Array:
-    """torch ``MaxPool2d(kernel, stride, padding, ceil_mode)`` on NHWC ``(B, H, W, C)``.
-
-    Padding (both the symmetric ``padding`` and the extra right/bottom cells that ``ceil_mode``
-    adds) is ``-inf``, so padded cells never win, as in torch.
-    """
-    if x.ndim != 4:
-        raise ValueError(f"torch_max_pool expects (B, H, W, C), got shape {x.shape}")
-    pads = [_torch_pool_pad(x.shape[ax], kernel, stride, padding, ceil_mode) for ax in (1, 2)]
-    # A Python-float init value keeps this on lax's differentiable max-pool path (an array init
-    # value falls back to the generic reduce_window, which reverse-mode AD cannot linearise).
-    return lax.reduce_window(
-        x,
-        -jnp.inf,
-        lax.max,
-        (1, kernel, kernel, 1),
-        (1, stride, stride, 1),
-        ((0, 0), pads[0], pads[1], (0, 0)),
-    )
+from fgloc.models.layers import adaptive_avg_pool, run_stages, torch_max_pool
 
 
 class AlexNet(nn.Module):
@@ -133,22 +65,33 @@ class AlexNet(nn.Module):
             self.classifier = nn.Dense(self.num_classes)
             self.dropout = nn.Dropout(self.dropout_rate)
 
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-        """Conv stack: ``(B, H, W, 3) -> pool5 (B, h, w, 256)`` and the intermediates."""
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict]:
+        """Conv stack: ``(B, H, W, 3) -> pool5 (B, h, w, 256)`` and the intermediates.
+
+        ``stop_at``: a layer name (``conv1`` … ``pool5``); the stack stops there and returns
+        that layer's output (the model contract, `fgloc.models.layer_output`).
+        """
         del train
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"AlexNet expects (B, H, W, 3) input, got shape {x.shape}")
         if min(x.shape[1:3]) < 63:
             raise ValueError(f"AlexNet needs H, W >= 63, got {x.shape[1:3]}")
-        inter: dict[str, jax.Array] = {}
-        x = inter["conv1"] = nn.relu(self.conv1(x))
-        x = inter["pool1"] = torch_max_pool(x, 3, 2)
-        x = inter["conv2"] = nn.relu(self.conv2(x))
-        x = inter["pool2"] = torch_max_pool(x, 3, 2)
-        x = inter["conv3"] = nn.relu(self.conv3(x))
-        x = inter["conv4"] = nn.relu(self.conv4(x))
-        x = inter["conv5"] = nn.relu(self.conv5(x))
-        x = inter["pool5"] = inter["pre_pool"] = torch_max_pool(x, 3, 2)
+        pool = partial(torch_max_pool, kernel=3, stride=2)
+        stages = (
+            ("conv1", lambda h: nn.relu(self.conv1(h))),
+            ("pool1", pool),
+            ("conv2", lambda h: nn.relu(self.conv2(h))),
+            ("pool2", pool),
+            ("conv3", lambda h: nn.relu(self.conv3(h))),
+            ("conv4", lambda h: nn.relu(self.conv4(h))),
+            ("conv5", lambda h: nn.relu(self.conv5(h))),
+            ("pool5", pool),
+        )
+        x, inter = run_stages(x, stages, stop_at, "AlexNet")
+        if stop_at is None:
+            inter["pre_pool"] = x
         return x, inter
 
     def head(self, pool5: jax.Array, train: bool = False) -> jax.Array:

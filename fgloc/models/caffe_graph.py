@@ -323,9 +323,12 @@ class CaffeGraph(nn.Module):
             raise KeyError(f"output blob {out_name!r} is not produced by net {self.spec.name!r}")
         return inter[out_name], inter
 
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Runs only up to ``features_blob`` (after its in-place layers); returns (map, blobs)."""
-        name = self.features_blob or self.spec.default_features_blob
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Runs only up to blob ``stop_at`` (default ``features_blob``, after its in-place
+        layers); returns (map, blobs). The model contract of `fgloc.models.layers`."""
+        name = stop_at or self.features_blob or self.spec.default_features_blob
         if name is None:
             raise ValueError(f"net {self.spec.name!r} has no Pooling layer; set features_blob")
         inter = self.run(x, train=train, until=name)

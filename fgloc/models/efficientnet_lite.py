@@ -266,17 +266,40 @@ class EfficientNetLite(nn.Module):
         self.dropout = nn.Dropout(rate)
         self.classifier = nn.Dense(self.num_classes)
 
-    def features(self, x: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
-        """Convolutional trunk: ``(B,H,W,3)`` -> ``(pre_pool (B,h,w,1280), inter)``."""
+    def layer_names(self) -> list[str]:
+        """Every name `features` records, in order (``stage{k}`` follows its last block)."""
+        names = ["stem"]
+        for i, spec in enumerate(self.specs):
+            names.append(f"block{i}")
+            if i + 1 == len(self.specs) or self.specs[i + 1][0] != spec[0]:
+                names.append(f"stage{spec[0]}")
+        return [*names, "pre_pool"]
+
+    def features(
+        self, x: Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[Array, dict[str, Array]]:
+        """Convolutional trunk: ``(B,H,W,3)`` -> ``(pre_pool (B,h,w,1280), inter)``.
+
+        ``stop_at``: a layer name (``stem``, ``block0``…``block15``, ``stage1``…``stage7``,
+        ``pre_pool``) to stop after (model contract, `fgloc.models.layers.layer_output`).
+        """
+        if stop_at is not None and stop_at not in self.layer_names():
+            raise KeyError(
+                f"EfficientNet-Lite has no layer {stop_at!r}; its layers: {self.layer_names()}"
+            )
         inter: dict[str, Array] = {}
         h = relu6(self.stem_bn(self.stem_conv(x), use_running_average=not train))
         inter["stem"] = h
+        if stop_at == "stem":
+            return h, inter
         for i, (blk, spec) in enumerate(zip(self.blocks, self.specs, strict=True)):
             h = blk(h, train=train)
             inter[f"block{i}"] = h
             last_of_stage = i + 1 == len(self.specs) or self.specs[i + 1][0] != spec[0]
             if last_of_stage:
                 inter[f"stage{spec[0]}"] = h
+            if stop_at in (f"block{i}", f"stage{spec[0]}") and stop_at in inter:
+                return h, inter
         h = relu6(self.head_bn(self.head_conv(h), use_running_average=not train))
         inter["pre_pool"] = h
         return h, inter

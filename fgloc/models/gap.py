@@ -90,7 +90,7 @@ class GAPNet(nn.Module):
 
     def cut_map(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Backbone up to the cut: ``(B, H, W, 3) -> (inter[cut] (B, h, w, C), inter)``."""
-        _, inter = self.backbone.features(x, train=False)  # pyright: ignore[reportAttributeAccessIssue]
+        _, inter = self.backbone.features(x, train=False, stop_at=self.cut)  # pyright: ignore[reportAttributeAccessIssue]
         if self.cut not in inter:
             raise KeyError(
                 f"GAPNet.cut={self.cut!r} is not an intermediate of "

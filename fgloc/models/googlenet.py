@@ -39,12 +39,14 @@ torchvision names map by ``.`` -> ``/`` with numeric indices joined (``branch2.0
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fgloc.models.alexnet import torch_max_pool
+from fgloc.models.layers import run_stages, torch_max_pool
 
 #: name -> (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj), in network order.
 INCEPTION_CFG: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -171,8 +173,13 @@ class GoogLeNet(nn.Module):
             rate = self.dropout_rate if self.dropout_rate is not None else (0.2 if bn else 0.4)
             self.dropout = nn.Dropout(rate)
 
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-        """Conv stack ``(B, H, W, 3) -> (B, h, w, 1024)`` (pre global pool) and intermediates."""
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict]:
+        """Conv stack ``(B, H, W, 3) -> (B, h, w, 1024)`` (pre global pool) and intermediates.
+
+        ``stop_at``: a layer name (``conv1`` … ``inception5b``, ``cam_conv``) to stop after.
+        """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"GoogLeNet expects (B, H, W, 3) input, got shape {x.shape}")
         if self.transform_input:
@@ -180,24 +187,30 @@ class GoogLeNet(nn.Module):
             std = jnp.array([0.229, 0.224, 0.225], x.dtype).reshape(1, 1, 1, 3)
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         lrn = self.variant == "bvlc"
-        inter: dict[str, jax.Array] = {}
-        x = inter["conv1"] = self.conv1(x, train)
-        x = inter["pool1"] = torch_max_pool(x, 3, 2, ceil_mode=True)
-        if lrn:
-            x = local_response_norm(x)
-        x = inter["conv2"] = self.conv2(x, train)
-        x = inter["conv3"] = self.conv3(x, train)
-        if lrn:
-            x = local_response_norm(x)
-        x = inter["pool2"] = torch_max_pool(x, 3, 2, ceil_mode=True)
+        norm = local_response_norm if lrn else (lambda h: h)
+        pool = partial(torch_max_pool, kernel=3, stride=2, ceil_mode=True)
+        stages = [
+            ("conv1", lambda h: self.conv1(h, train)),
+            ("pool1", pool),
+            ("conv2", lambda h: self.conv2(norm(h), train)),
+            ("conv3", lambda h: self.conv3(h, train)),
+            ("pool2", lambda h: pool(norm(h))),
+        ]
         for name in self.block_names:
             if name in _POOL_BEFORE:
                 k = 2 if (name == "inception5a" and not lrn) else 3
-                x = inter[_POOL_BEFORE[name]] = torch_max_pool(x, k, 2, ceil_mode=True)
-            x = inter[name] = getattr(self, name)(x, train)
+                stages.append(
+                    (
+                        _POOL_BEFORE[name],
+                        partial(torch_max_pool, kernel=k, stride=2, ceil_mode=True),
+                    )
+                )
+            stages.append((name, lambda h, name=name: getattr(self, name)(h, train)))
         if self.cam:
-            x = inter["cam_conv"] = self.cam_conv(x, train)
-        inter["pre_pool"] = x
+            stages.append(("cam_conv", lambda h: self.cam_conv(h, train)))
+        x, inter = run_stages(x, stages, stop_at, "GoogLeNet")
+        if stop_at is None:
+            inter["pre_pool"] = x
         return x, inter
 
     def head(self, pooled: jax.Array, train: bool = False) -> jax.Array:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fgloc.models.alexnet import torch_max_pool
+from fgloc.models.layers import torch_max_pool
 
 _BN = partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -83,16 +83,30 @@ class ResNet(nn.Module):
         if self.num_classes is not None:
             self.classifier = nn.Dense(self.num_classes)
 
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-        """Stem and stages: ``(B, H, W, 3) -> layer4 (B, H/32, W/32, 2048)`` and intermediates."""
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict]:
+        """Stem and stages: ``(B, H, W, 3) -> layer4 (B, H/32, W/32, 2048)`` and intermediates.
+
+        ``stop_at``: ``stem`` or ``layer1`` … ``layer4`` (a stage's last block) to stop after.
+        """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet expects (B, H, W, 3) input, got shape {x.shape}")
+        stages = sorted({n.split("_")[0] for n in self.block_names})
+        if stop_at is not None and stop_at not in ["stem", *stages]:
+            raise KeyError(f"ResNet has no layer {stop_at!r}; its layers: {['stem', *stages]}")
         inter: dict[str, jax.Array] = {}
         x = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
         x = inter["stem"] = torch_max_pool(x, 3, 2, padding=1)
-        for name in self.block_names:
+        if stop_at == "stem":
+            return x, inter
+        for i, name in enumerate(self.block_names):
             x = getattr(self, name)(x, train)
-            inter[name.split("_")[0]] = x  # last block of the stage wins
+            stage = name.split("_")[0]
+            inter[stage] = x  # last block of the stage wins
+            last = i + 1 == len(self.block_names) or not self.block_names[i + 1].startswith(stage)
+            if last and stage == stop_at:
+                return x, inter
         inter["pre_pool"] = x
         return x, inter
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from fgloc.models.alexnet import adaptive_avg_pool, torch_max_pool
+from fgloc.models.layers import adaptive_avg_pool, run_stages, torch_max_pool
 
 #: (block, convs per block, channels) of VGG16.
 VGG16_BLOCKS: tuple[tuple[int, int, int], ...] = (
@@ -62,19 +62,25 @@ class VGG16(nn.Module):
             self.classifier = nn.Dense(self.num_classes)
             self.dropout = nn.Dropout(self.dropout_rate)
 
-    def features(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
-        """Conv stack: ``(B, H, W, 3) -> pool5 (B, H/32, W/32, 512)`` and the intermediates."""
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict]:
+        """Conv stack: ``(B, H, W, 3) -> pool5 (B, H/32, W/32, 512)`` and the intermediates.
+
+        ``stop_at``: a layer name (``conv1_1`` … ``pool5``) to stop after (model contract).
+        """
         del train
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"VGG16 expects (B, H, W, 3) input, got shape {x.shape}")
         if min(x.shape[1:3]) < 32:
             raise ValueError(f"VGG16 needs H, W >= 32, got {x.shape[1:3]}")
-        inter: dict[str, jax.Array] = {}
+        stages = []
         for (block, _, _), names in zip(VGG16_BLOCKS, _names_by_block()):
-            for name in names:
-                x = inter[name] = nn.relu(getattr(self, name)(x))
-            x = inter[f"pool{block}"] = torch_max_pool(x, 2, 2)
-        inter["pre_pool"] = x
+            stages += [(n, lambda h, n=n: nn.relu(getattr(self, n)(h))) for n in names]
+            stages.append((f"pool{block}", lambda h: torch_max_pool(h, 2, 2)))
+        x, inter = run_stages(x, stages, stop_at, "VGG16")
+        if stop_at is None:
+            inter["pre_pool"] = x
         return x, inter
 
     def head(self, pool5: jax.Array, train: bool = False) -> jax.Array:
