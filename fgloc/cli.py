@@ -89,19 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="fgloc_demo")
     _add_localize_args(d)
     d.set_defaults(topk=3)
-    c = sub.add_parser(
-        "convert", help="convert a checkpoint to Flax variables (.npz)", add_help=False
+    sub.add_parser(
+        "convert",
+        help="convert a checkpoint to Flax variables (.npz); `fgloc convert --help` for options",
+        add_help=False,
     )
-    c.add_argument("rest", nargs=argparse.REMAINDER)
-    args, _ = (
-        parser.parse_known_args(argv)
-        if argv and argv[0] == "convert"
-        else (parser.parse_args(argv), None)
-    )
-    if args.cmd == "convert":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        # The converter owns its arguments (weights_conversion.cli); hand them over untouched.
         from weights_conversion.cli import main as convert_main
 
-        return convert_main(args.rest)
+        return convert_main(argv[1:])
+    args = parser.parse_args(argv)
     try:
         if args.cmd == "localize":
             return _localize(args, args.images)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["convert"]:
         argv = argv[1:]
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # exits 0 on --help, 2 on a bad argument
     try:
         if args.source == "caffe":
             from weights_conversion.caffe import main_convert

@@ -1,7 +1,9 @@
 """Orbax checkpoints for fgloc training states: the only module that calls orbax.
 
 Uses the stable orbax-checkpoint API (`CheckpointManager` + `args.StandardSave` /
-`args.StandardRestore`). Before restoring, the saved tree's metadata (paths and shapes) is
+`args.StandardRestore`). A step holds two items: ``state`` (the pytree of arrays) and ``data``
+(a JSON dict: the position of the data iterator — grain's ``get_state()`` — so a resumed run
+reads the batches the uninterrupted run would have read). Before restoring, the saved tree's metadata (paths and shapes) is
 compared with the tree the caller expects, so a checkpoint from another model or config fails
 with an error that lists the missing, unexpected and mis-shaped entries instead of an orbax
 traceback.
@@ -66,14 +68,45 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).expanduser().resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
-    def save(self, step: int, tree: Any, wait: bool = True) -> None:
-        """Saves `tree` (a pytree of arrays / scalars) as step `step`."""
-        self._manager.save(int(step), args=ocp.args.StandardSave(tree))  # pyright: ignore[reportCallIssue]
+    def save(
+        self, step: int, tree: Any, data_state: dict[str, Any] | None = None, wait: bool = True
+    ) -> None:
+        """Saves `tree` (a pytree of arrays / scalars) as step `step`, with the data iterator's
+        position `data_state` (a JSON-serialisable dict, e.g. grain's ``iterator.get_state()``)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),  # pyright: ignore[reportCallIssue]
+            data=ocp.args.JsonSave({"iterator": data_state}),  # pyright: ignore[reportCallIssue]
+        )
+        self._manager.save(int(step), args=args)
         if wait:
             self._manager.wait_until_finished()
+
+    def restore_data_state(self, step: int | None = None) -> dict[str, Any] | None:
+        """The data iterator position saved with step `step` (default: latest), or None."""
+        self._manager.wait_until_finished()
+        step = self._check_step(step)
+        out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))  # pyright: ignore[reportCallIssue]
+        return (out["data"] or {}).get("iterator")
+
+    def _check_step(self, step: int | None) -> int:
+        if step is None:
+            step = self._manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; "
+                f"saved steps: {self.all_steps()}"
+            )
+        return step
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when the directory holds no checkpoint."""
@@ -91,16 +124,14 @@ class Checkpointer:
           CheckpointMismatchError: the saved tree differs from `target` (lists the keys).
         """
         self._manager.wait_until_finished()
-        if step is None:
-            step = self._manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; "
-                f"saved steps: {self.all_steps()}"
-            )
+        step = self._check_step(step)
         meta = self._manager.item_metadata(step)
+        meta = meta.get("state")
+        if meta is None:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} holds no training state (not written by "
+                "fgloc.train.Checkpointer)"
+            )
         saved = _flat_shapes(getattr(meta, "tree", meta))
         wanted = _flat_shapes(target)
         missing = sorted(set(wanted) - set(saved))
@@ -118,7 +149,8 @@ class Checkpointer:
                 f" shape mismatches {shapes[:10]}"
             )
         abstract = jax.tree_util.tree_map(_abstract, target)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))  # pyright: ignore[reportCallIssue]
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))  # pyright: ignore[reportCallIssue]
+        return self._manager.restore(step, args=args)["state"]
 
     def close(self) -> None:
         self._manager.wait_until_finished()

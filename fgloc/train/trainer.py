@@ -172,18 +172,35 @@ def fit(
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Runs `num_steps` steps from ``state.step``; returns the final state and per-step metrics.
 
-    With a `checkpointer` (`fgloc.train.checkpoints.Checkpointer`), training resumes from its
-    latest step when there is one, saves every `checkpoint_every` steps (0: only at the end)
-    and at the end. Shows a tqdm bar when `progress`.
+    Step ``i`` uses the key ``fold_in(rng, i)`` and the ``i``-th batch of `batches`, so a run
+    resumed from a checkpoint is the uninterrupted run: with a `checkpointer`
+    (`fgloc.train.checkpoints.Checkpointer`), training resumes from its latest step when there
+    is one, *and from the data position saved with it*: a grain iterator (``get_state`` /
+    ``set_state``, as `array_batches` returns) is restored to the saved position; any other
+    iterable is advanced past the batches already consumed (it must then yield the same
+    sequence every time it is iterated afresh). Saves every `checkpoint_every` steps (0: only
+    at the end) and at the end. Shows a tqdm bar when `progress`.
     """
     from tqdm.auto import tqdm
 
     state = replicate(state, mesh)
+    it = iter(batches)
+    resumable = hasattr(it, "get_state") and hasattr(it, "set_state")
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state = replicate(checkpointer.restore(state), mesh)
+        data_state = checkpointer.restore_data_state()
+        if resumable and data_state is not None:
+            it.set_state(data_state)  # pyright: ignore[reportAttributeAccessIssue]
+        else:
+            for _ in range(int(state.step)):
+                next(it)
     start = int(state.step)
     history: list[dict[str, float]] = []
-    it = iter(batches)
+
+    def save(step: int) -> None:
+        data = it.get_state() if resumable else None  # pyright: ignore[reportAttributeAccessIssue]
+        checkpointer.save(step, state, data_state=data)
+
     bar = tqdm(range(start, num_steps), desc="train", disable=not progress, initial=start)
     for i in bar:
         batch = shard_batch(next(it), mesh)
@@ -192,7 +209,7 @@ def fit(
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if checkpointer is not None and checkpoint_every and (i + 1) % checkpoint_every == 0:
-            checkpointer.save(i + 1, state)
+            save(i + 1)
     if checkpointer is not None and start < num_steps:
-        checkpointer.save(num_steps, state)
+        save(num_steps)
     return state, history
