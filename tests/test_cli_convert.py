@@ -34,8 +34,8 @@ def test_convert_help_lists_the_converter_options(tmp_path):
 
 def test_convert_lpips_writes_the_packaged_weights(tmp_path):
     from fgloc.pretrained import load_variables
-    from weights_conversion.lpips import convert_lpips
-    from weights_conversion.merge import flatten
+    from fgloc.weights.io import flatten
+    from fgloc.weights.lpips import convert_lpips
 
     dst = tmp_path / "a.npz"
     out = _run("--arch", "alexnet", "--from", "lpips", "--out", str(dst), tmp_path=tmp_path)

@@ -21,9 +21,9 @@ pytest.importorskip("google.protobuf", reason="protobuf is needed to read Caffe 
 from google.protobuf import text_format
 
 from fgloc.models.caffe_graph import CaffeGraph, caffe_pool_output_size
+from fgloc.weights.io import ConversionError
 from weights_conversion import caffe as C
 from weights_conversion import caffe_pb2
-from weights_conversion.merge import ConversionError
 
 MEAN_BGR = np.array(C.IMAGENET_MEAN_BGR, np.float32)
 

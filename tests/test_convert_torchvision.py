@@ -21,10 +21,10 @@ from fgloc.models.googlenet import GoogLeNet, local_response_norm
 from fgloc.models.layers import adaptive_avg_pool, torch_max_pool
 from fgloc.models.resnet import ResNet
 from fgloc.models.vgg import VGG16
+from fgloc.weights.io import ConversionError
+from fgloc.weights.lpips import convert_lpips, load_lpips_pickle
 from weights_conversion import torchvision as tv
 from weights_conversion.cli import main as convert_main
-from weights_conversion.lpips import convert_lpips, load_lpips_pickle
-from weights_conversion.merge import ConversionError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -14,6 +14,7 @@ from fgloc.models import gap
 from fgloc.models.alexnet import AlexNet
 from fgloc.models.efficientnet_lite import EfficientNetLite
 from fgloc.models.vgg import VGG16
+from fgloc.train import gap_finetune
 
 
 class ToyBackbone(nn.Module):
@@ -124,8 +125,8 @@ def test_finetune_learns_trains_only_new_layers_and_checkpoints(tmp_path):
     variables, _ = _init(model, (1, 16, 16, 3))
     x, y = _toy_data()
     # Frozen backbone: train the new layers on cached cut features.
-    feats = gap.cut_features(model, variables, jnp.asarray(x), batch_size=8)
-    new, hist = gap.finetune(
+    feats = gap_finetune.cut_features(model, variables, jnp.asarray(x), batch_size=8)
+    new, hist = gap_finetune.finetune(
         model,
         variables,
         feats,
@@ -150,7 +151,7 @@ def test_finetune_learns_trains_only_new_layers_and_checkpoints(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts == ["40"]
     # Training on images gives the same first step as on cached cut features.
-    _, hist_img = gap.finetune(
+    _, hist_img = gap_finetune.finetune(
         model, variables, x, y, steps=1, batch_size=16, flip=False, progress=False
     )
     np.testing.assert_allclose(hist_img[0]["loss"], hist[0]["loss"], rtol=1e-5)
@@ -160,7 +161,7 @@ def test_finetune_train_backbone_prefix_unfreezes_those_layers():
     model = gap.GAPNet(ToyBackbone(), cut="conv2", num_classes=2, width=4)
     variables, _ = _init(model, (1, 16, 16, 3))
     x, y = _toy_data(16)
-    new, _ = gap.finetune(
+    new, _ = gap_finetune.finetune(
         model, variables, x, y, train_backbone=("conv2",), steps=3, batch_size=8,
         learning_rate=1e-2, progress=False,
     )  # fmt: skip
@@ -168,9 +169,11 @@ def test_finetune_train_backbone_prefix_unfreezes_those_layers():
     np.testing.assert_array_equal(bb_old["conv1"]["kernel"], bb_new["conv1"]["kernel"])
     assert not np.allclose(bb_old["conv2"]["kernel"], bb_new["conv2"]["kernel"])
     with pytest.raises(ValueError, match="labels must be in"):
-        gap.finetune(model, variables, x, y + 5, steps=1, batch_size=8, progress=False)
+        gap_finetune.finetune(model, variables, x, y + 5, steps=1, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="on_cut_features"):
-        gap.finetune(model, variables, x, y, on_cut_features=True, train_backbone=("conv2",))
+        gap_finetune.finetune(
+            model, variables, x, y, on_cut_features=True, train_backbone=("conv2",)
+        )
 
 
 def test_gap_variant_of_embedded_lite0_reproduces_its_classifier():
@@ -178,7 +181,7 @@ def test_gap_variant_of_embedded_lite0_reproduces_its_classifier():
     variant is exactly EfficientNet-Lite0 (which is natively GAP + linear)."""
     from fgloc.pretrained import pretrained
 
-    v = gap.gap_variant("efficientnet_lite0", 1000, cut="pre_pool", width=None)
+    v = gap_finetune.gap_variant("efficientnet_lite0", 1000, cut="pre_pool", width=None)
     p = pretrained("efficientnet_lite0")
     params = {**v.variables["params"], "classifier": p.variables["params"]["classifier"]}
     variables = {**v.variables, "params": params}
@@ -188,4 +191,4 @@ def test_gap_variant_of_embedded_lite0_reproduces_its_classifier():
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(inter["pre_pool"], ref_inter["pre_pool"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no default cut"):
-        gap.gap_variant("resnet50")
+        gap_finetune.gap_variant("resnet50")

@@ -16,8 +16,8 @@ from fgloc.models.efficientnet_lite import EfficientNetLite
 from fgloc.models.googlenet import GoogLeNet
 from fgloc.models.resnet import ResNet, ResNet50
 from fgloc.models.vgg import VGG16
+from fgloc.weights.io import flatten
 from weights_conversion import torchvision as tv
-from weights_conversion.merge import flatten
 
 # torchvision's documented parameter counts (GoogLeNet: without the training-only aux heads).
 TORCHVISION_NUM_PARAMS = {

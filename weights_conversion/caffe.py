@@ -35,30 +35,31 @@ import argparse
 import json
 import os
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from fgloc.models.caffe_graph import SUPPORTED_TYPES, CaffeGraph, LayerSpec, NetSpec
-from weights_conversion import caffe_pb2
-from weights_conversion.merge import (
+from fgloc.weights.caffe_npz import (
+    SIDECAR_FORMAT,
+    sidecar_path,
+    template_variables,
+)
+from fgloc.weights.io import (
     ConversionError,
     conv_oihw_to_hwio,
     dense_oi_to_io,
     flatten,
     strict_merge,
-    unflatten,
 )
+from weights_conversion import caffe_pb2
 
 PathLike = str | os.PathLike
 #: ILSVRC-2012 mean pixel used by the BVLC / CAM deploy scripts, in Caffe's BGR order.
 IMAGENET_MEAN_BGR = (104.0, 117.0, 123.0)
-SIDECAR_FORMAT = "fgloc-caffe/1"
 
 # V1 enum names -> V2 type strings (only the ones whose spelling differs from title case).
 _V1_TYPES = {
@@ -397,13 +398,6 @@ def _fit(arr: np.ndarray, expected: tuple[int, ...], where: str) -> np.ndarray:
     raise ConversionError(f"{where} has shape {arr.shape}, expected {expected}")
 
 
-def template_variables(module: CaffeGraph) -> dict[str, Any]:
-    """Shapes of the module's variables (``jax.ShapeDtypeStruct``), from the spec's input."""
-    _, (_, c, h, w) = module.spec.inputs[0]
-    dummy = jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)
-    return jax.eval_shape(module.init, jax.random.key(0), dummy)
-
-
 def convert_blobs(
     spec: NetSpec,
     blobs: Mapping[str, Sequence[np.ndarray]],
@@ -525,25 +519,6 @@ def preprocess_info(
     return info
 
 
-def make_preprocess(info: Mapping[str, Any]) -> Callable[[Any], jax.Array]:
-    """Raw RGB pixels ``(..., H, W, 3)`` in [0, 255] -> network input (float32, same shape).
-
-    Reverses to BGR when the model was converted with ``rgb_input=False``; subtracts the
-    per-channel ``mean`` (not a per-pixel mean image); multiplies by ``scale``.
-    """
-    mean = jnp.asarray(info["mean"], jnp.float32)
-    scale = float(info.get("scale", 1.0))
-    bgr = info["channel_order"] == "BGR"
-
-    def preprocess(images: Any) -> jax.Array:
-        x = jnp.asarray(images, jnp.float32)
-        if bgr:
-            x = x[..., ::-1]
-        return (x - mean.reshape((1,) * (x.ndim - 1) + (-1,))) * scale
-
-    return preprocess
-
-
 # ---------------------------------------------------------------------------- entry points
 def convert_caffe(
     prototxt: PathLike,
@@ -575,10 +550,6 @@ def convert_caffe(
     )
     info = preprocess_info(spec, rgb_input=rgb_input, mean_bgr=mean_bgr, mean_file=mean_file)
     return CaffeGraph(spec), variables, info
-
-
-def _sidecar(npz: pathlib.Path) -> pathlib.Path:
-    return npz.with_suffix(".json")
 
 
 def main_convert(
@@ -627,27 +598,8 @@ def main_convert(
         "spec": json.loads(model.spec.to_json()),
         "preprocess": info,
     }
-    _sidecar(out).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+    sidecar_path(out).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
     return out
-
-
-def load_converted(npz: PathLike) -> tuple[CaffeGraph, dict[str, Any], dict[str, Any]]:
-    """Read what :func:`main_convert` wrote -> ``(CaffeGraph, variables, preprocess_info)``."""
-    npz = pathlib.Path(npz)
-    side = _sidecar(npz)
-    if not side.is_file():
-        raise ConversionError(f"{npz}: sidecar {side.name} (net spec + preprocessing) not found")
-    meta = json.loads(side.read_text(encoding="utf-8"))
-    if meta.get("format") != SIDECAR_FORMAT:
-        raise ConversionError(f"{side}: format {meta.get('format')!r}, expected {SIDECAR_FORMAT}")
-    model = CaffeGraph(NetSpec.from_json(meta["spec"]))
-    with np.load(npz) as data:
-        flat = {k: data[k] for k in data.files}
-    variables = strict_merge(template_variables(model), unflatten(flat), source=str(npz))
-    info = dict(meta["preprocess"])
-    if "mean_image_file" in info:
-        info["mean_image"] = np.load(npz.with_name(info["mean_image_file"]))
-    return model, variables, info
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -670,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         allow_unused=args.allow_unused,
         from_train_val=args.train_val,
     )
-    print(f"wrote {path} and {_sidecar(path).name}")
+    print(f"wrote {path} and {sidecar_path(path).name}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from weights_conversion.merge import ConversionError, flatten
+from fgloc.weights.io import ConversionError, flatten
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
             return 0
         if args.source == "lpips":
-            from weights_conversion.lpips import convert_lpips
+            from fgloc.weights.lpips import convert_lpips
 
             if args.arch not in ("alexnet", "vgg16") or args.inputs:
                 parser.error("--from lpips takes --arch alexnet|vgg16 and no input file")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.inputs) != 1:
                 parser.error("--from torchvision needs exactly one PATH.pth")
             variables = convert_file(args.arch, args.inputs[0])
-        from fgloc.pretrained import save_variables
+        from fgloc.weights.io import save_variables
 
         save_variables(args.out, variables)
     except (ConversionError, FileNotFoundError, ValueError) as e:

@@ -19,7 +19,7 @@ Layout changes, all in :func:`to_flax_layout`: conv ``(O, I, kh, kw)`` -> ``(kh,
 ``Linear`` ``(out, in)`` -> ``(in, out)``; a ``Linear`` whose Flax target is a convolution
 (VGG/AlexNet fc6, fed by torch's NCHW flatten of ``(C, kh, kw)``; fc7) is reshaped to
 ``(out, C, kh, kw)`` and transposed like a conv, which is how the NCHW flatten order is handled.
-The result is checked by :func:`weights_conversion.merge.strict_merge` against the model template.
+The result is checked by :func:`fgloc.weights.io.strict_merge` against the model template.
 """
 
 from __future__ import annotations
@@ -33,23 +33,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fgloc.models.alexnet import AlexNet
-from fgloc.models.googlenet import GoogLeNet
-from fgloc.models.resnet import ResNet50
-from fgloc.models.vgg import VGG16, VGG16_CONV_NAMES
-from weights_conversion.merge import ConversionError, flatten, strict_merge
-from weights_conversion.torch_pickle import load_torch_checkpoint
+from fgloc import registry
+from fgloc.models.vgg import VGG16_CONV_NAMES
+from fgloc.weights.io import ConversionError, flatten, strict_merge
+from fgloc.weights.torch_pickle import load_torch_checkpoint
 
-#: name -> constructor ``(num_classes) -> flax Module``. GoogLeNet is built with
-#: ``transform_input=True``, as torchvision does for its ImageNet weights (the usual file to
-#: convert); pass ``model=GoogLeNet(transform_input=False)`` for a randomly initialised one.
+#: name -> constructor ``(num_classes) -> flax Module``, from the registry (`fgloc.registry`).
+#: GoogLeNet is built with ``transform_input=True``, as torchvision does for its ImageNet
+#: weights (the usual file to convert); pass ``model=GoogLeNet(transform_input=False)`` for a
+#: randomly initialised one.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "vgg16": lambda num_classes=1000: VGG16(num_classes=num_classes),
-    "alexnet": lambda num_classes=1000: AlexNet(num_classes=num_classes),
-    "googlenet": lambda num_classes=1000: GoogLeNet(
-        num_classes=num_classes, variant="torchvision", transform_input=True
-    ),
-    "resnet50": lambda num_classes=1000: ResNet50(num_classes=num_classes),
+    arch: registry.get(arch).build for arch in ("vgg16", "alexnet", "googlenet", "resnet50")
 }
 
 _VGG16_FEATURE_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)

