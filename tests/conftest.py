@@ -1,6 +1,7 @@
 """Strict test environment (house style, after equinox's conftest).
 
 * 4 virtual CPU devices, so sharding / data-parallel code runs on CPU;
+* a fresh ``FGLOC_CACHE`` (converted weights) per session;
 * implicit rank promotion raises;
 * warnings are errors unless filtered in pyproject.toml with a reason.
 """
@@ -9,8 +10,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# A fresh converted-weight cache per test session (inherited by subprocesses), so a test never
+# reads a conversion made by older code (issue 13, defect 3).
+os.environ["FGLOC_CACHE"] = tempfile.mkdtemp(prefix="fgloc-test-cache-")
 
 import jax
 import pytest
