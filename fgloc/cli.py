@@ -37,7 +37,7 @@ def _add_localize_args(p: argparse.ArgumentParser) -> None:
 
 
 def _localize(args, paths) -> int:
-    from fgloc.localize_images import run_to_dir
+    from fgloc.app.localize_job import run_to_dir
     from fgloc.pretrained import pretrained
 
     net = pretrained(args.model, weights=args.weights)

@@ -84,3 +84,22 @@ def test_localize_sensitivity(photos, tmp_path):
 def test_impossible_options(photos, tmp_path, capsys, args, match):
     assert main(["localize", str(photos / "one.png"), "--out", str(tmp_path), *args]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_overlay_size_is_bounded_for_extreme_aspect_ratios(tmp_path):
+    """Issue 14: a 30000 × 40 panorama made a 1600 × 240048 PNG and held the run for minutes;
+    the overlay is now a few hundred pixels on each side whatever the photo's shape."""
+    from fgloc.app.localize_job import Localization
+    from fgloc.app.overlays import save_overlay
+
+    for h, w in ((40, 30000), (30000, 40)):
+        photo = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        res = Localization(
+            image=f"pano_{h}x{w}.png", width=w, height=h, method="cam", classes=[1, 2],
+            labels=["a", "b"], scores=[0.6, 0.3], boxes=[[0, 0, w, h], [w / 4, 0, w / 2, h]],
+            maps=np.random.default_rng(1).random((2, 32, 32)).astype(np.float32), photo=photo,
+        )  # fmt: skip
+        path = tmp_path / f"o_{h}_{w}.png"
+        save_overlay(res, path)
+        with Image.open(path) as im:
+            assert max(im.size) <= 800 and min(im.size) >= 60, im.size

@@ -1,6 +1,6 @@
-"""Localize objects in photos with a pretrained classifier: CAM or sensitivity maps + boxes.
-
-The library behind ``fgloc localize`` / ``fgloc demo``. Each photo is resized as a whole to a
+"""The ``fgloc localize`` / ``fgloc demo`` job: photos in, CAM or sensitivity maps, boxes,
+overlays and a ``results.jsonl`` out (application code of the CLI, not a library module).
+ Each photo is resized as a whole to a
 square ``input_size`` (no centre crop, as the CAM authors' released code does), the top-k
 classes are scored, one map per class is computed in a single jitted call (CAM: one einsum;
 sensitivity: a vmapped VJP), each map is thresholded at ``threshold`` × its maximum, and the box
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from fgloc.app.overlays import save_overlay
 from fgloc.data.images import ImageError, load_image
 from fgloc.localize.boxes import boxes_from_maps
 from fgloc.maps import class_activation_maps, resize_maps, sensitivity_maps
@@ -80,10 +81,10 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "method", "topk", "threshold", "smooth_sigma")
+    jax.jit, static_argnames=("model", "network", "method", "topk", "threshold", "smooth_sigma")
 )
 def _localize_batch(
-    model, variables, x, *, method: str, topk: int, threshold: float, smooth_sigma: float
+    model, variables, x, *, network, method: str, topk: int, threshold: float, smooth_sigma: float
 ):
     """x: preprocessed ``(B, S, S, 3)`` -> probs (B,k), classes (B,k), maps (B,k,S,S), boxes (B,k,4)."""
     logits, inter = model.apply(variables, x)
@@ -91,8 +92,8 @@ def _localize_batch(
     scores, classes = jax.lax.top_k(probs, topk)
     size = x.shape[1:3]
     if method == "cam":
-        kernel = variables["params"]["classifier"]["kernel"]
-        maps = class_activation_maps(inter["pre_pool"], kernel, classes)
+        kernel = network.classifier_kernel(variables)
+        maps = class_activation_maps(inter[network.cam_layer], kernel, classes)
         maps = resize_maps(maps, size)
     else:
         maps = sensitivity_maps(lambda z: model.apply(variables, z)[0], x, classes)
@@ -134,8 +135,11 @@ def localize(
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
-    if net.class_names is None:
-        raise ValueError(f"{net.name} has no classifier; localization needs class scores")
+    if net.class_names is None or net.network.cam_layer is None:
+        raise ValueError(
+            f"--model {net.name} has no classifier (conv-only weights), so it has no class "
+            f"scores to localize; use a classifier such as efficientnet_lite0"
+        )
     if not 1 <= topk <= len(net.class_names):
         raise ValueError(f"--topk must be in 1..{len(net.class_names)}, got {topk}")
     if not 0.0 < threshold < 1.0:
@@ -165,7 +169,7 @@ def localize(
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
         scores, classes, maps, boxes = jax.device_get(
             _localize_batch(
-                net.model, net.variables, net.preprocess(batch),
+                net.model, net.variables, net.preprocess(batch), network=net.network,
                 method=method, topk=topk, threshold=threshold, smooth_sigma=float(smooth_sigma),
             )
         )  # fmt: skip
@@ -200,32 +204,6 @@ def localize(
     if pending:
         yield from flush()
     bar.close()
-
-
-def save_overlay(result: Localization, path: str | os.PathLike) -> None:
-    """One panel per predicted class: the map over the photo, its box, label and score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    k = len(result.classes)
-    h, w = result.photo.shape[:2]
-    fig, axes = plt.subplots(1, k, figsize=(4 * k, 4 * h / max(w, 1) + 0.6), squeeze=False)
-    for j, ax in enumerate(axes[0]):
-        ax.imshow(result.photo)
-        heat = np.asarray(Image.fromarray((result.maps[j] * 255).astype(np.uint8)).resize((w, h)))
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=255)
-        x0, y0, x1, y1 = result.boxes[j]
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2.5, ec="lime"))
-        label = result.labels[j].split(",")[0]
-        ax.set_title(f"{label} ({result.scores[j]:.2f})", fontsize=10)
-        ax.axis("off")
-    fig.suptitle(f"{pathlib.Path(result.image).name} — {result.method}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def run_to_dir(
