@@ -311,8 +311,8 @@ def agreement(
 
 def load_photos(num: int, size: int) -> tuple[np.ndarray, str]:
     """``num`` real photos resized (whole, bilinear) to ``(num, size, size, 3)`` uint8 + source."""
-    from fgloc.data.images import load_image
     from fgloc.app.localize_job import resize_photo
+    from fgloc.data.images import load_image
 
     root = pathlib.Path(__file__).resolve().parents[2] / "shared/data/imagenet_val_sample/val"
     paths = sorted(root.glob("*.JPEG"))
