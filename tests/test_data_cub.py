@@ -319,15 +319,32 @@ def real_ann(cub_dir: pathlib.Path) -> cub.CubAnnotations:
 
 
 @pytest.mark.real_data
-def test_real_counts_and_spot_values(real_ann: cub.CubAnnotations):
-    """Counts from `python -m fgloc.data.cub --data_dir ../shared/data --summary`, values
-    read off the text files by hand."""
+def test_real_counts_and_spot_values(real_ann: cub.CubAnnotations, cub_dir: pathlib.Path):
+    """Counts (the README's, printed by `python -m fgloc.data.cub --data_dir ../shared/data
+    --summary`) checked against numpy counts straight from the text files, and values read
+    off the text files by hand."""
     ann = real_ann
+    root = cub_dir
+    split = np.loadtxt(root / "train_test_split.txt", dtype=int)
+    labels = np.loadtxt(root / "image_class_labels.txt", dtype=int)
+    locs = np.loadtxt(root / "parts" / "part_locs.txt", dtype=float)
+    part_ids = {
+        name: int(i)
+        for i, name in (
+            line.split(maxsplit=1)
+            for line in (root / "parts" / "parts.txt").read_text().splitlines()
+        )
+    }
+    assert (len(split), int(split[:, 1].sum()), int((split[:, 1] == 0).sum())) == (1402, 750, 652)
     assert len(ann) == 1402
     assert int(ann.is_train.sum()) == 750 and int((~ann.is_train).sum()) == 652
+    np.testing.assert_array_equal(ann.is_train, split[np.argsort(split[:, 0]), 1] == 1)
+    np.testing.assert_array_equal(np.unique(labels[:, 1]), np.arange(1, 26))
     np.testing.assert_array_equal(np.unique(ann.labels), np.arange(25))
     np.testing.assert_array_equal(ann.image_ids, np.arange(1, 1403))  # original ids 1..1402
     for name, count in REAL_VISIBLE.items():
+        rows = locs[locs[:, 1] == part_ids[name]]
+        assert int(rows[:, 4].sum()) == count, name  # from part_locs.txt
         assert ann.visible[:, cub.PART_NAMES.index(name)].sum() == count, name
     # Image 1: bounding_boxes "1 60.0 27.0 325.0 304.0", part_locs "1 2 312.0 182.0 1".
     assert ann.file_names[0] == "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import pathlib
 
 import numpy as np
@@ -224,8 +225,15 @@ def test_source_pads_boxes_and_feeds_pipeline(tmp_path: pathlib.Path):
 @pytest.mark.real_data
 def test_real_sample(imagenet_dir: pathlib.Path):
     ann = imagenet.read_imagenet_val(imagenet_dir)
+    # The counts, straight from the text files (one box per line of localization.txt).
+    text = (imagenet_dir / "localization.txt").read_text().splitlines()
+    per_image = collections.Counter(line.split(",")[0] for line in text if line.strip())
+    listed = [ln for ln in (imagenet_dir / "class_labels.txt").read_text().splitlines() if ln]
+    assert (len(listed), len(per_image), sum(per_image.values())) == (50, 50, 111)
+    assert per_image.most_common(1) == [("val/ILSVRC2012_val_00000320.JPEG", 10)]
     assert len(ann) == 50
     assert sum(len(b) for b in ann.boxes) == 111
+    assert {str(n): len(b) for n, b in zip(ann.names, ann.boxes)} == dict(per_image)
     assert len(ann.synsets) == 1000 and ann.synsets == tuple(sorted(ann.synsets))
     # class_labels.txt line 1: "val/ILSVRC2012_val_00000001.JPEG,65" -- the sea snake.
     assert ann.names[0] == "val/ILSVRC2012_val_00000001.JPEG"
