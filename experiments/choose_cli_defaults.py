@@ -1,6 +1,6 @@
 """Choose ``fgloc localize`` defaults (input size, box threshold, sensitivity smoothing).
 
-Sweeps the CLI's own code path (:func:`fgloc.localize_images.localize`, whole photo resized to a
+Sweeps the CLI's own code path (:func:`fgloc.app.localize_job.localize`, whole photo resized to a
 square, top-5 classes, largest-component box) on an ILSVRC-layout folder and prints one JSON
 line per setting with top-1 classification accuracy and top-1 / top-5 localization accuracy
 (class right and IoU >= 0.5 with a ground-truth box of the image).
@@ -31,7 +31,7 @@ import numpy as np
 
 from fgloc import metrics
 from fgloc.data.imagenet import read_imagenet_val
-from fgloc.localize_images import localize
+from fgloc.app.localize_job import localize
 from fgloc.pretrained import pretrained
 
 

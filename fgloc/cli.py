@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "localize":
             return _localize(args, args.images)
         return _demo(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad option, unreadable or mis-fitting --weights, --out
         print(f"fgloc: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,9 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
-
-pytest.importorskip("google.protobuf", reason="protobuf is needed to read Caffe files")
-
+from conftest import require_path
 from google.protobuf import text_format
 
 from fgloc.models.caffe_graph import CaffeGraph, caffe_pool_output_size
@@ -613,10 +611,9 @@ def test_cam_authors_classifier_head_reproduces_their_scores(shared_data, tmp_pa
     authors' ``weights_LR`` reproduces their softmax scores for img1 up to the classifier bias,
     which their .mat files lack: log(score) - logit = b_c - logsumexp_n, so its difference
     between two crops is the same for all 1000 classes."""
-    scipy_io = pytest.importorskip("scipy.io")
-    ref = shared_data / "cam_reference"
-    if not ref.is_dir():
-        pytest.skip(f"{ref} not found")
+    import scipy.io as scipy_io
+
+    ref = require_path(shared_data / "cam_reference")
     net = scipy_io.loadmat(ref / "cam_googlenet_data_net.mat")
     img = scipy_io.loadmat(ref / "cam_googlenet_data_img1.mat")
     w = np.ascontiguousarray(net["weights_LR"].T)  # matcaffe (in, out) -> Caffe (out, in)

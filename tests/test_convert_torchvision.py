@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 
 from fgloc.models.alexnet import AlexNet
 from fgloc.models.googlenet import GoogLeNet, local_response_norm
@@ -162,8 +163,8 @@ def test_jit_and_vmap_match_eager():
 
 # ------------------------------------------------------------------ parity with torchvision
 def _torch():
-    torch = pytest.importorskip("torch", reason="torch not installed (parity tests)")
-    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch = require_module("torch", "pip install '.[torchvision]'")
+    torchvision = require_module("torchvision", "pip install '.[torchvision]'")
     torch.manual_seed(0)
     return torch, torchvision
 

@@ -178,6 +178,36 @@ MALFORMED = {
         lambda r: _replace_line(r / "train_test_split.txt", 3, "11790 2"),
         r"train_test_split\.txt:3: is_training_image must be 0 or 1",
     ),
+    "duplicate box row": (
+        lambda r: _replace_line(r / "bounding_boxes.txt", 3, "9 0 0 5 5"),
+        r"bounding_boxes\.txt:3: duplicate row for image id 9",
+    ),
+    "duplicate part row": (
+        lambda r: _replace_line(r / "parts" / "part_locs.txt", 2, "5 1 0 0 0"),
+        r"part_locs\.txt:2: duplicate row for image 5 part 1",
+    ),
+    "box not finite": (
+        lambda r: _replace_line(r / "bounding_boxes.txt", 1, "5 3 4 nan 20"),
+        r"bounding_boxes\.txt:1: field 4 is not finite",
+    ),
+    "negative box": (
+        lambda r: _replace_line(r / "bounding_boxes.txt", 1, "5 3 4 -10 20"),
+        r"bounding_boxes\.txt:1: negative box width or height",
+    ),
+    "missing file": (
+        lambda r: (r / "image_class_labels.txt").unlink(),
+        r"image_class_labels\.txt: file not found",
+    ),
+    "empty classes": (
+        lambda r: (r / "classes.txt").write_text(""),
+        r"classes\.txt: file is empty",
+    ),
+    "not utf-8": (
+        lambda r: (r / "images.txt").write_bytes(
+            (r / "images.txt").read_bytes().replace(b"Albatross_9", b"Albatross_\xe9")
+        ),
+        r"images\.txt:2: not UTF-8 text",
+    ),
 }
 
 
@@ -195,6 +225,17 @@ def test_read_cub_malformed_archive_names_member_and_line(
     _replace_line(tiny / "bounding_boxes.txt", 2, "9 0 0 25")
     archive = make_tgz(tiny, tmp_path / cub.ARCHIVE_NAME)
     pattern = r"CUB_200_2011\.tgz:CUB_200_2011/bounding_boxes\.txt:2: expected 5 fields"
+    with pytest.raises(cub.CubFormatError, match=pattern):
+        cub.read_cub(archive)
+
+
+def test_read_cub_archive_not_utf8_names_member_and_line(
+    tiny: pathlib.Path, tmp_path: pathlib.Path
+):
+    parts = tiny / "parts" / "parts.txt"
+    parts.write_bytes(parts.read_bytes().replace(b"3 belly", b"3 b\xe9lly"))
+    archive = make_tgz(tiny, tmp_path / cub.ARCHIVE_NAME)
+    pattern = r"CUB_200_2011\.tgz:CUB_200_2011/parts/parts\.txt:3: not UTF-8 text"
     with pytest.raises(cub.CubFormatError, match=pattern):
         cub.read_cub(archive)
 
@@ -319,15 +360,32 @@ def real_ann(cub_dir: pathlib.Path) -> cub.CubAnnotations:
 
 
 @pytest.mark.real_data
-def test_real_counts_and_spot_values(real_ann: cub.CubAnnotations):
-    """Counts from `python -m fgloc.data.cub --data_dir ../shared/data --summary`, values
-    read off the text files by hand."""
+def test_real_counts_and_spot_values(real_ann: cub.CubAnnotations, cub_dir: pathlib.Path):
+    """Counts (the README's, printed by `python -m fgloc.data.cub --data_dir ../shared/data
+    --summary`) checked against numpy counts straight from the text files, and values read
+    off the text files by hand."""
     ann = real_ann
+    root = cub_dir
+    split = np.loadtxt(root / "train_test_split.txt", dtype=int)
+    labels = np.loadtxt(root / "image_class_labels.txt", dtype=int)
+    locs = np.loadtxt(root / "parts" / "part_locs.txt", dtype=float)
+    part_ids = {
+        name: int(i)
+        for i, name in (
+            line.split(maxsplit=1)
+            for line in (root / "parts" / "parts.txt").read_text().splitlines()
+        )
+    }
+    assert (len(split), int(split[:, 1].sum()), int((split[:, 1] == 0).sum())) == (1402, 750, 652)
     assert len(ann) == 1402
     assert int(ann.is_train.sum()) == 750 and int((~ann.is_train).sum()) == 652
+    np.testing.assert_array_equal(ann.is_train, split[np.argsort(split[:, 0]), 1] == 1)
+    np.testing.assert_array_equal(np.unique(labels[:, 1]), np.arange(1, 26))
     np.testing.assert_array_equal(np.unique(ann.labels), np.arange(25))
     np.testing.assert_array_equal(ann.image_ids, np.arange(1, 1403))  # original ids 1..1402
     for name, count in REAL_VISIBLE.items():
+        rows = locs[locs[:, 1] == part_ids[name]]
+        assert int(rows[:, 4].sum()) == count, name  # from part_locs.txt
         assert ann.visible[:, cub.PART_NAMES.index(name)].sum() == count, name
     # Image 1: bounding_boxes "1 60.0 27.0 325.0 304.0", part_locs "1 2 312.0 182.0 1".
     assert ann.file_names[0] == "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import pathlib
 
 import numpy as np
@@ -86,6 +87,36 @@ WSOL_BAD = {
         r"synset_words\.txt:3: synset n01440000 is out of sorted order",
     ),
     "synset id": ("synset_words.txt", 1, "tench fish", r"synset_words\.txt:1: expected a WordNet"),
+    "duplicate image": (
+        "class_labels.txt",
+        2,
+        "val/a.JPEG,0",
+        r"class_labels\.txt:2: duplicate image val/a\.JPEG",
+    ),
+    "label field count": (
+        "class_labels.txt",
+        1,
+        "val/a.JPEG",
+        r"class_labels\.txt:1: expected 2 comma-separated fields, got 1",
+    ),
+    "box not a number": (
+        "localization.txt",
+        3,
+        "val/a.JPEG,5,6,x,8",
+        r"localization\.txt:3: box values are not numbers",
+    ),
+    "box negative": (
+        "localization.txt",
+        2,
+        "val/b.JPEG,-1,0,20,20",
+        r"localization\.txt:2: invalid box",
+    ),
+    "synset repeated": (
+        "synset_words.txt",
+        2,
+        "n01440764 tench again",
+        r"synset_words\.txt:2: synset n01440764 is out of sorted order or repeated",
+    ),
 }
 
 
@@ -102,6 +133,46 @@ def test_wsol_image_without_box(tmp_path: pathlib.Path):
     root = make_wsol(tmp_path)
     (root / "localization.txt").write_text("val/a.JPEG,1,2,30,25\n")
     with pytest.raises(imagenet.ImagenetFormatError, match=r"no box for 1 image\(s\), first val/b"):
+        imagenet.read_imagenet_val(root)
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("class_labels.txt", r"class_labels\.txt: file not found"),
+        ("synset_words.txt", r"synset_words\.txt: file not found"),
+    ],
+)
+def test_wsol_missing_file_names_it(tmp_path: pathlib.Path, name: str, pattern: str):
+    root = make_wsol(tmp_path)
+    (root / name).unlink()
+    with pytest.raises(imagenet.ImagenetFormatError, match=pattern):
+        imagenet.read_imagenet_val(root)
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("class_labels.txt", r"class_labels\.txt: no images listed"),
+        ("synset_words.txt", r"synset_words\.txt: no synsets"),
+    ],
+)
+def test_wsol_empty_file_names_it(tmp_path: pathlib.Path, name: str, pattern: str):
+    root = make_wsol(tmp_path)
+    (root / name).write_text("\n")
+    with pytest.raises(imagenet.ImagenetFormatError, match=pattern):
+        imagenet.read_imagenet_val(root)
+
+
+@pytest.mark.parametrize("name", ["class_labels.txt", "localization.txt", "synset_words.txt"])
+def test_wsol_not_utf8_names_file_and_line(tmp_path: pathlib.Path, name: str):
+    """A stray Latin-1 byte on line 2 is an ImagenetFormatError naming file and line, not a
+    bare UnicodeDecodeError."""
+    root = make_wsol(tmp_path)
+    lines = (root / name).read_bytes().split(b"\n")
+    lines[1] = lines[1] + b"\xe9"
+    (root / name).write_bytes(b"\n".join(lines))
+    with pytest.raises(imagenet.ImagenetFormatError, match=rf"{name}:2: not UTF-8 text"):
         imagenet.read_imagenet_val(root)
 
 
@@ -166,6 +237,51 @@ def test_xml_layout_labels_file_cross_check(tmp_path: pathlib.Path):
         imagenet.read_imagenet_val(root)
 
 
+@pytest.mark.parametrize(
+    ("labels", "pattern"),
+    [
+        (  # the labels file lacks the second image
+            "ILSVRC2012_val_00000001.JPEG 2\n",
+            r"val\.txt: no label for ILSVRC2012_val_00000002\.JPEG",
+        ),
+        (
+            "ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000001.JPEG 2\n",
+            r"val\.txt:2: duplicate image ILSVRC2012_val_00000001\.JPEG",
+        ),
+        (
+            "ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 1 extra\n",
+            r"val\.txt:2: expected 'NAME,label' or 'NAME label'",
+        ),
+        (
+            "ILSVRC2012_val_00000001.JPEG 3\n",
+            r"val\.txt:1: label 3 out of range 0\.\.2",
+        ),
+        (
+            "ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG one\n",
+            r"val\.txt:2: label is not an integer",
+        ),
+    ],
+)
+def test_xml_labels_file_malformed(tmp_path: pathlib.Path, labels: str, pattern: str):
+    root = make_xml(tmp_path)
+    (root / "val.txt").write_text(labels)
+    with pytest.raises(imagenet.ImagenetFormatError, match=pattern):
+        imagenet.read_imagenet_val(root)
+
+
+def test_xml_missing_image_and_no_xml(tmp_path: pathlib.Path):
+    root = make_xml(tmp_path)
+    (root / "val" / "ILSVRC2012_val_00000002.JPEG").unlink()
+    with pytest.raises(
+        imagenet.ImagenetFormatError,
+        match=r"00000002\.xml: image file not found: .*ILSVRC2012_val_00000002\.JPEG",
+    ):
+        imagenet.read_imagenet_val(root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(imagenet.ImagenetFormatError, match=r"empty: no \*\.xml files"):
+        imagenet.read_imagenet_xml(tmp_path / "empty", root / "val", root / "synset_words.txt")
+
+
 def test_kaggle_layout(tmp_path: pathlib.Path):
     xml_dir = tmp_path / "ILSVRC" / "Annotations" / "CLS-LOC" / "val"
     img_dir = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val"
@@ -192,12 +308,66 @@ def test_kaggle_layout(tmp_path: pathlib.Path):
         (_xml("x", 60, 80, [("n01443537", (1, 2, 61, 40))]), r"exceeds <size> 60x80"),
         (_xml("x", 60, 80, []), r"00000002\.xml: no <object>"),
         (_xml("x", 60, 80, [("n01443537", (9, 2, 3, 40))]), r"<object> #1: invalid box"),
+        ("", r"00000002\.xml:1: malformed XML"),
+        ("<annotation><object/></annotation>", r"00000002\.xml: missing <size>"),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace("<height>80</height>", ""),
+            r"00000002\.xml <size>: missing <height>",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(">80<", ">eighty<"),
+            r"00000002\.xml <size>: <height> is not a number: 'eighty'",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(">80<", ">nan<"),
+            r"00000002\.xml <size>: <height> must be a positive integer, got nan",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(">60<", ">0<"),
+            r"00000002\.xml <size>: <width> must be a positive integer, got 0",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(">80<", ">80.5<"),
+            r"00000002\.xml <size>: <height> must be a positive integer, got 80\.5",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(
+                "<name>n01443537</name>", ""
+            ),
+            r"00000002\.xml <object> #1: missing <name>",
+        ),
+        (
+            "<annotation><size><width>60</width><height>80</height></size>"
+            "<object><name>n01443537</name></object></annotation>",
+            r"00000002\.xml <object> #1: missing <bndbox>",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40)), ("n01443537", (1, 2, 3, 4))]).replace(
+                "<ymax>4</ymax>", ""
+            ),
+            r"00000002\.xml <object> #2: missing <ymax>",
+        ),
+        (
+            _xml("x", 60, 80, [("n01443537", (1, 2, 30, 40))]).replace(
+                "<xmin>1</xmin>", "<xmin>one</xmin>"
+            ),
+            r"00000002\.xml <object> #1: <xmin> is not a number: 'one'",
+        ),
     ],
 )
 def test_xml_malformed_names_file(tmp_path: pathlib.Path, content: str, pattern: str):
     root = make_xml(tmp_path)
     (root / "val" / "ILSVRC2012_val_00000002.xml").write_text(content)
     with pytest.raises(imagenet.ImagenetFormatError, match=pattern):
+        imagenet.read_imagenet_val(root)
+
+
+def test_xml_unreadable_file_names_it(tmp_path: pathlib.Path):
+    root = make_xml(tmp_path)
+    xml = root / "val" / "ILSVRC2012_val_00000002.xml"
+    xml.unlink()
+    xml.mkdir()  # *.xml that cannot be read as a file
+    with pytest.raises(imagenet.ImagenetFormatError, match=r"00000002\.xml: cannot read"):
         imagenet.read_imagenet_val(root)
 
 
@@ -224,8 +394,15 @@ def test_source_pads_boxes_and_feeds_pipeline(tmp_path: pathlib.Path):
 @pytest.mark.real_data
 def test_real_sample(imagenet_dir: pathlib.Path):
     ann = imagenet.read_imagenet_val(imagenet_dir)
+    # The counts, straight from the text files (one box per line of localization.txt).
+    text = (imagenet_dir / "localization.txt").read_text().splitlines()
+    per_image = collections.Counter(line.split(",")[0] for line in text if line.strip())
+    listed = [ln for ln in (imagenet_dir / "class_labels.txt").read_text().splitlines() if ln]
+    assert (len(listed), len(per_image), sum(per_image.values())) == (50, 50, 111)
+    assert per_image.most_common(1) == [("val/ILSVRC2012_val_00000320.JPEG", 10)]
     assert len(ann) == 50
     assert sum(len(b) for b in ann.boxes) == 111
+    assert {str(n): len(b) for n, b in zip(ann.names, ann.boxes)} == dict(per_image)
     assert len(ann.synsets) == 1000 and ann.synsets == tuple(sorted(ann.synsets))
     # class_labels.txt line 1: "val/ILSVRC2012_val_00000001.JPEG,65" -- the sea snake.
     assert ann.names[0] == "val/ILSVRC2012_val_00000001.JPEG"

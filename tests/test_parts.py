@@ -269,7 +269,6 @@ def test_load_missing_file_names_it(tmp_path):
 
 def test_gradient_extractor_on_an_analytic_network():
     """``f = x²`` elementwise: channel k's gradient map is ``2 x_k``, so centres follow colour k."""
-    pytest.importorskip("fgloc.maps.channel_gradients")
     pre = _fake_pretrained()
     rng = np.random.default_rng(3)
     imgs, xy = _dot_images(2, rng)

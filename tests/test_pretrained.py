@@ -99,7 +99,9 @@ def test_mismatched_and_corrupt_npz_weights_give_clear_errors(tmp_path):
         P.pretrained("alexnet", weights=bad)
     other = tmp_path / "other.npz"
     P.save_variables(other, {"params": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}})
-    with pytest.raises(ConversionError, match=r"(?s)other.npz does not match the model:.*missing keys"):
+    with pytest.raises(
+        ConversionError, match=r"(?s)other.npz does not match the model:.*missing keys"
+    ):
         P.pretrained("alexnet", weights=other)
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_module
 
 from fgloc.pretrained import load_variables, save_variables
 from fgloc.weights.io import (
@@ -24,7 +25,7 @@ from fgloc.weights.torch_pickle import CheckpointError, load_torch_checkpoint
 @pytest.mark.torch
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_reads_torch_save_both_formats(tmp_path, zip_format):
-    torch = pytest.importorskip("torch", reason="torch not installed")
+    torch = require_module("torch", "pip install '.[parity]'")
     sd = {
         "conv.weight": torch.randn(4, 3, 3, 3),
         "fc.weight": torch.randn(5, 4).t(),  # non-contiguous: strides must be honoured

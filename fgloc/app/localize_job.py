@@ -15,7 +15,7 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,22 +123,23 @@ def localize(
     batch_size: int = 8,
     progress: bool = True,
     on_error=None,
-) -> Iterable[Localization]:
-    """Yield one :class:`Localization` per readable image, in order.
+) -> Iterator[Localization]:
+    """An iterator of one :class:`Localization` per readable image, in order.
 
     ``smooth_sigma`` (pixels of the network input) blurs sensitivity maps before boxing, since
     raw gradients are speckled and the largest component above 20% of the maximum is otherwise
     a single speck; default ``input_size / 28`` (8 px at 224). CAM maps are not blurred.
 
-    Unreadable images are reported through ``on_error(path, message)`` (default: print to
-    stderr) and skipped; the rest go on.
+    Impossible options (and a ``net`` without a classifier) raise ``ValueError`` here, before
+    any image is read. Unreadable images are reported through ``on_error(path, message)``
+    (default: print to stderr) and skipped; the rest go on.
     """
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
     if net.class_names is None or net.network.cam_layer is None:
         raise ValueError(
-            f"--model {net.name} has no classifier (conv-only weights), so it has no class "
-            f"scores to localize; use a classifier such as efficientnet_lite0"
+            f"model {net.name} has no classifier, and --method {method} needs class scores; "
+            "choose a model with one (e.g. --model efficientnet_lite0)"
         )
     if not 1 <= topk <= len(net.class_names):
         raise ValueError(f"--topk must be in 1..{len(net.class_names)}, got {topk}")
@@ -150,6 +151,29 @@ def localize(
         raise ValueError(f"--smooth must be >= 0, got {smooth_sigma}")
     if input_size < 32:
         raise ValueError(f"--input-size must be at least 32, got {input_size}")
+    return _localize_iter(
+        net, paths, method=method, topk=topk, input_size=input_size, threshold=threshold,
+        smooth_sigma=float(smooth_sigma), batch_size=batch_size, progress=progress,
+        on_error=on_error,
+    )  # fmt: skip
+
+
+def _localize_iter(
+    net: Pretrained,
+    paths: Sequence[str | os.PathLike],
+    *,
+    method: str,
+    topk: int,
+    input_size: int,
+    threshold: float,
+    smooth_sigma: float,
+    batch_size: int,
+    progress: bool,
+    on_error,
+) -> Iterator[Localization]:
+    """The generator behind :func:`localize` (options already checked)."""
+    assert net.class_names is not None
+    class_names = net.class_names
 
     def report(path: str, msg: str) -> None:
         if on_error is None:
@@ -170,7 +194,7 @@ def localize(
         scores, classes, maps, boxes = jax.device_get(
             _localize_batch(
                 net.model, net.variables, net.preprocess(batch), network=net.network,
-                method=method, topk=topk, threshold=threshold, smooth_sigma=float(smooth_sigma),
+                method=method, topk=topk, threshold=threshold, smooth_sigma=smooth_sigma,
             )
         )  # fmt: skip
         for i, (name, photo) in enumerate(pending):
@@ -182,7 +206,7 @@ def localize(
                 height=h,
                 method=method,
                 classes=[int(c) for c in classes[i]],
-                labels=[net.class_names[int(c)] for c in classes[i]],  # pyright: ignore[reportOptionalSubscript]
+                labels=[class_names[int(c)] for c in classes[i]],
                 scores=[float(s) for s in scores[i]],
                 boxes=[list(map(float, b * scale)) for b in boxes[i]],
                 maps=np.asarray(maps[i], np.float32),
@@ -212,20 +236,22 @@ def run_to_dir(
     """Run :func:`localize`, writing ``OUT/<stem>_<method>.png`` and ``OUT/results.jsonl``.
 
     Returns ``(n_ok, n_failed)``. Results are appended line by line as they come, so nothing
-    done is lost when a later image fails or the run is interrupted.
+    done is lost when a later image fails or the run is interrupted. Impossible options raise
+    ``ValueError`` before ``OUT`` is created.
     """
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
 
     def on_error(path, msg):
         failed.append(path)
         print(f"fgloc: skipped {path}: {msg}", file=sys.stderr)
 
+    results = localize(net, paths, on_error=on_error, **kwargs)  # checks the options
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     n_ok = 0
     seen: dict[str, int] = {}
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
-        for res in localize(net, paths, on_error=on_error, **kwargs):
+        for res in results:
             stem = pathlib.Path(res.image).stem
             seen[stem] = seen.get(stem, 0) + 1
             if seen[stem] > 1:

@@ -196,6 +196,17 @@ class _Row:
     fields: list[str]
 
 
+def _decode(data: bytes, name: str) -> str:
+    """UTF-8 text of an annotation file; a bad byte is an error naming the file and line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CubFormatError(
+            f"{name}:{line}: not UTF-8 text (byte {data[e.start]:#04x}: {e.reason})"
+        ) from None
+
+
 def _rows(name: str, text: str, n_fields: int, *, text_last: bool = False) -> list[_Row]:
     """Splits ``text`` into rows of exactly ``n_fields`` whitespace-separated fields.
 
@@ -374,7 +385,7 @@ def read_cub(path: str | os.PathLike[str]) -> CubAnnotations:
             file = source / rel
             if not file.is_file():
                 raise CubFormatError(f"{file}: file not found")
-            texts[rel] = (str(file), file.read_text())
+            texts[rel] = (str(file), _decode(file.read_bytes(), str(file)))
 
         def size_of(row: _Row) -> tuple[int, int]:
             image = source / "images" / row.fields[1]
@@ -407,7 +418,8 @@ def read_cub(path: str | os.PathLike[str]) -> CubAnnotations:
     for rel in _TEXT_FILES:
         if prefix + rel not in raw_texts:
             raise CubFormatError(f"{source}: archive has no {prefix + rel}")
-        texts[rel] = (f"{source}:{prefix + rel}", raw_texts[prefix + rel].decode())
+        where = f"{source}:{prefix + rel}"
+        texts[rel] = (where, _decode(raw_texts[prefix + rel], where))
 
     def size_of_member(row: _Row) -> tuple[int, int]:
         name = f"{prefix}images/{row.fields[1]}"

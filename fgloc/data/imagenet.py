@@ -111,6 +111,21 @@ class ImagenetSource(Sequence[dict[str, Any]]):
 # ----------------------------------------------------------------------------- files
 
 
+def _read_lines(path: pathlib.Path) -> list[str]:
+    """The lines of a UTF-8 text file; a missing file or a bad byte names the file (and line)."""
+    if not path.is_file():
+        raise ImagenetFormatError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ImagenetFormatError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}: {e.reason})"
+        ) from None
+    return text.splitlines()
+
+
 def read_synset_words(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Reads ``synset_words.txt`` (``nXXXXXXXX name, name``): returns ``(synsets, names)``.
 
@@ -118,10 +133,8 @@ def read_synset_words(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tu
     and sorted, so that line ``i`` is label ``i`` of the standard order.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ImagenetFormatError(f"{path}: file not found")
     synsets, names = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         fields = line.split(maxsplit=1)
@@ -143,10 +156,8 @@ def read_synset_words(path: str | os.PathLike[str]) -> tuple[tuple[str, ...], tu
 
 
 def _csv_rows(path: pathlib.Path, n_fields: int) -> list[tuple[str, list[str]]]:
-    if not path.is_file():
-        raise ImagenetFormatError(f"{path}: file not found")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split(",")]
@@ -187,10 +198,8 @@ def read_labels_file(path: str | os.PathLike[str], n_classes: int = NUM_CLASSES)
     Returns ``{basename: label}``; duplicates and bad labels raise naming file and line.
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise ImagenetFormatError(f"{path}: file not found")
     out: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         fields = line.split(",") if "," in line else line.split()
@@ -256,6 +265,13 @@ def _xml_int(obj: ET.Element, tag: str, where: str) -> float:
         raise ImagenetFormatError(f"{where}: <{tag}> is not a number: {node.text!r}") from None
 
 
+def _xml_size(size: ET.Element, tag: str, path: pathlib.Path) -> int:
+    value = _xml_int(size, tag, f"{path} <size>")
+    if not (np.isfinite(value) and value == int(value) and value > 0):
+        raise ImagenetFormatError(f"{path} <size>: <{tag}> must be a positive integer, got {value}")
+    return int(value)
+
+
 def parse_ilsvrc_xml(
     path: str | os.PathLike[str],
 ) -> tuple[str, tuple[int, int], list[tuple[str, list[float]]]]:
@@ -277,10 +293,7 @@ def parse_ilsvrc_xml(
     size = ann.find("size")
     if size is None:
         raise ImagenetFormatError(f"{path}: missing <size>")
-    hw = (
-        int(_xml_int(size, "height", f"{path} <size>")),
-        int(_xml_int(size, "width", f"{path} <size>")),
-    )
+    hw = (_xml_size(size, "height", path), _xml_size(size, "width", path))
     objects = []
     for k, obj in enumerate(ann.iter("object")):
         where = f"{path} <object> #{k + 1}"
