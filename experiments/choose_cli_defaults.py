@@ -30,8 +30,8 @@ import json
 import numpy as np
 
 from fgloc import metrics
-from fgloc.data.imagenet import read_imagenet_val
 from fgloc.app.localize_job import localize
+from fgloc.data.imagenet import read_imagenet_val
 from fgloc.pretrained import pretrained
 
 
