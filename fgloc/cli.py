@@ -1,6 +1,8 @@
 """``fgloc`` command line (intentionally thin: the logic lives in importable modules).
 
 fgloc localize IMAGE... --method cam|sensitivity --out DIR [--topk K]
+fgloc localize IMAGE... --method parts --weights DETECTOR_DIR --out DIR [--box X0,Y0,X1,Y1]
+fgloc localize IMAGE... --method keypoints --weights PREDICTOR_DIR --out DIR
 fgloc demo [--out DIR]
 fgloc convert --arch ARCH --from torchvision|caffe ... --out PATH
 """
@@ -18,7 +20,9 @@ DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
 
 
 def _add_localize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=("cam", "sensitivity"), default="cam")
+    p.add_argument("--method", choices=("cam", "sensitivity", "parts", "keypoints"), default="cam",
+                   help="cam / sensitivity: maps and boxes; parts (paper 1) / keypoints (paper 2): "
+                   "the 15 CUB parts from a fitted predictor given as --weights DIR")  # fmt: skip
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE,
                    help=f"square network input in pixels (default {DEFAULT_INPUT_SIZE})")  # fmt: skip
@@ -31,14 +35,52 @@ def _add_localize_args(p: argparse.ArgumentParser) -> None:
         "--model", default="efficientnet_lite0", help="pretrained name (fgloc.pretrained)"
     )
     p.add_argument(
-        "--weights", default=None, help="checkpoint for --model given as an architecture"
+        "--weights",
+        default=None,
+        help="cam/sensitivity: converted .npz for --model given as an architecture; "
+        "parts/keypoints: the predictor's directory",
     )
+    p.add_argument("--box", default=None,
+                   help="parts: object box x0,y0,x1,y1 (pixels) applied to every image")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
+
+
+def _points(args, paths) -> int:
+    from fgloc.app import points_job
+
+    if args.weights is None:
+        raise ValueError(f"--method {args.method} needs --weights DIR (a fitted predictor)")
+    if args.method == "keypoints" and args.box is not None:
+        raise ValueError("--box applies to --method parts only")
+    box = None
+    if args.box is not None:
+        try:
+            box = [float(v) for v in args.box.split(",")]
+        except ValueError:
+            raise ValueError(f"--box must be x0,y0,x1,y1 numbers, got {args.box!r}") from None
+    load = (
+        points_job.part_detector_predict
+        if args.method == "parts"
+        else points_job.keypoint_predictor_predict
+    )
+    predict, names = load(args.weights)
+    ok, failed = points_job.run_points_to_dir(
+        predict, names, paths, args.out, method=args.method, box=box, batch_size=args.batch_size
+    )
+    print(
+        f"{ok} image(s) with {args.method}; results in {pathlib.Path(args.out) / 'results.jsonl'}"
+    )
+    if failed:
+        print(f"{failed} image(s) could not be read (see messages above)", file=sys.stderr)
+    return 0 if ok and not failed else 1
 
 
 def _localize(args, paths) -> int:
     from fgloc.app.localize_job import run_to_dir
     from fgloc.pretrained import pretrained
+
+    if args.method in ("parts", "keypoints"):
+        return _points(args, paths)
 
     net = pretrained(args.model, weights=args.weights)
     ok, failed = run_to_dir(
