@@ -10,7 +10,8 @@ Modes:
     by the test), computed with `fgloc.distributed.map_rows` on the local devices; then `fit`
     with a checkpointer, in which process 1 sends itself SIGTERM at its 3rd batch, so every
     process saves and returns early at the step JAX's preemption service agrees on; then `fit`
-    again resumes to `NUM_STEPS`; results saved, both processes train on, until process 1
+    again resumes to `NUM_STEPS`; then `fit` resumes from `OUT/ckpt1`, a checkpoint the test
+    wrote with one process at step `ONE_PROCESS_STEP`, to `NUM_STEPS`; results saved, both processes train on, until process 1
     kills itself (SIGKILL) at its 3rd batch: process 0 must then fail with a clear error.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 NUM_STEPS = 20
 BATCH = 8
 CHECKPOINT_EVERY = 10
+ONE_PROCESS_STEP = 5
 CELL_ROWS = np.arange(2, 16)
 CELL_COLS = np.array([0, 3, 5])
 PRECACHED_ROWS = np.array([2, 3, 4, 9])
@@ -166,7 +168,11 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
             checkpoint_every=CHECKPOINT_EVERY,
         )  # fmt: skip
         steps = ck.all_steps()
+    with train.Checkpointer(out / "ckpt1") as ck:
+        assert ck.all_steps() == [ONE_PROCESS_STEP]
+        from_one, _ = fit(state, step, batches(), num_steps=NUM_STEPS, checkpointer=ck)
     leaves = {f"leaf{i}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(final))}
+    leaves |= {f"from1-{i}": np.asarray(v) for i, v in enumerate(jax.tree.leaves(from_one))}
     arrays = {"stopped": stopped, "n_first": len(first), "n_rest": len(rest), "steps": steps}
     arrays["losses"] = np.asarray([h["loss"] for h in first + rest])
     save_npz(out / f"train-{pid}.npz", {**arrays, **leaves})

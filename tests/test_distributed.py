@@ -213,8 +213,11 @@ def reference():
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """One run of two worker processes (mode "run"), with rows of the cell cache pre-filled by
-    this process. It ends with process 1 killing itself and process 0 failing."""
+    this process and a one-process checkpoint to resume from. It ends with process 1 killing
+    itself and process 0 failing."""
     out = tmp_path_factory.mktemp("two_processes")
+    with train.Checkpointer(out / "ckpt1") as ck:  # for the worker to resume in two processes
+        _fit(W.ONE_PROCESS_STEP, ck)
     pre: list[int] = []
     cached_cells(
         out / "cache" / "cells.npz", {"k": 1}, W.PRECACHED_ROWS, W.CELL_COLS,
@@ -226,8 +229,8 @@ def two_processes(tmp_path_factory):
     return out, [dict(np.load(out / f"train-{p}.npz")) for p in (0, 1)], logs, codes
 
 
-def _leaves(result: dict) -> list[np.ndarray]:
-    return [result[f"leaf{i}"] for i in range(len([k for k in result if k.startswith("leaf")]))]
+def _leaves(result: dict, prefix: str = "leaf") -> list[np.ndarray]:
+    return [result[f"{prefix}{i}"] for i in range(len([k for k in result if k.startswith(prefix)]))]
 
 
 def test_two_processes_train_like_one_process_with_four_devices(two_processes, reference):
@@ -266,6 +269,17 @@ def test_checkpoint_of_two_processes_resumes_in_one_process(two_processes, refer
     ref, _ = reference
     for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-6)
+
+
+def test_checkpoint_of_one_process_resumes_in_two_processes(two_processes, reference):
+    _, results, _, _ = two_processes
+    ref, _ = reference
+    got = _leaves(results[0], "from1-")
+    assert int(got[0]) == W.NUM_STEPS
+    for a, b in zip(got, _leaves(results[1], "from1-"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, want in zip(got, jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, np.asarray(want), rtol=2e-5, atol=1e-6)
 
 
 def test_cell_cache_filled_by_two_processes_equals_one_process(two_processes, tmp_path):
