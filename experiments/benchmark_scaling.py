@@ -101,7 +101,7 @@ def _worker(name: str, process_id: int, port: int, result: pathlib.Path, smoke: 
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
-        logits = model.apply({"params": params}, batch["image"])
+        logits = jnp.asarray(model.apply({"params": params}, batch["image"]))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         return loss, {}
 
@@ -246,7 +246,7 @@ def run(out: pathlib.Path, smoke: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmark_scaling.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (a test of the script)")
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)

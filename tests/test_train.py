@@ -3,6 +3,7 @@ resume and preemption (SIGTERM). Several processes: tests/test_distributed.py.""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -256,11 +257,11 @@ def test_resume_of_a_plain_iterable_skips_the_consumed_batches(tmp_path):
     tx = optax.sgd(0.1)
     mesh = trainer.data_mesh(2)
     step = trainer.make_train_step(_dropout_loss, tx, mesh)
-    kw = dict(mesh=mesh, rng=jax.random.key(0), progress=False)
-    ref, _ = trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=6, **kw)
+    fit = functools.partial(trainer.fit, mesh=mesh, rng=jax.random.key(0), progress=False)
+    ref, _ = fit(trainer.create_train_state(params, tx), step, data, num_steps=6)
     with checkpoints.Checkpointer(tmp_path) as ck:
-        trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=2, checkpointer=ck, **kw)  # fmt: skip
-        out, _ = trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=6, checkpointer=ck, **kw)  # fmt: skip
+        fit(trainer.create_train_state(params, tx), step, data, num_steps=2, checkpointer=ck)
+        out, _ = fit(trainer.create_train_state(params, tx), step, data, num_steps=6, checkpointer=ck)  # fmt: skip
     _all_leaves_equal(out, ref)
 
 
