@@ -224,7 +224,7 @@ def cached_cells(
             if distributed and i and file == _shard_path(path, proc):
                 own = data
     if distributed:
-        dist.barrier(f"fgloc.cache.cached_cells:read:{path}")  # every read before any write
+        dist.barrier(f"fgloc.cache.cached_cells:read:{path.name}")  # every read before any write
     table.grow(rows, cols)
     mine = table.mask(own)  # the cells this process's file holds
     ri, ci = table.index(rows, cols)
@@ -267,7 +267,7 @@ def cached_cells(
             if progress is not None:
                 progress(len(part))
     if distributed:
-        dist.barrier(f"fgloc.cache.cached_cells:written:{path}")
+        dist.barrier(f"fgloc.cache.cached_cells:written:{path.name}")
         for shard in _shard_paths(path):
             data = _load_cells(shard, key)
             if data is not None:

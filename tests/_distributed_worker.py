@@ -7,7 +7,8 @@ per process, gloo collectives, coordinator on ``127.0.0.1:PORT``; results go to
 
 Modes:
   run: first `fgloc.cache.cached_cells` over `CELL_ROWS` x `CELL_COLS` (some rows cached before
-    by the test), computed with `fgloc.distributed.map_rows` on the local devices; then `fit`
+    by the test), computed with `fgloc.distributed.map_rows` on the local devices, and
+    `map_rows` of the same rows across the processes; then `fit`
     with a checkpointer, in which process 1 sends itself SIGTERM at its 3rd batch, so every
     process saves and returns early at the step JAX's preemption service agrees on; then `fit`
     again resumes to `NUM_STEPS`; then `fit` resumes from `OUT/ckpt1`, a checkpoint the test
@@ -154,7 +155,21 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
         out / "cache" / "cells.npz", {"k": 1}, CELL_ROWS, CELL_COLS,
         lambda r, c: cell_compute(r, c, log), chunk=2,
     )  # fmt: skip
-    save_npz(out / f"cells-{pid}.npz", {"values": values, "computed": np.asarray(log, np.int64)})
+    loaded: list[int] = []
+    cols = np.broadcast_to(CELL_COLS, (len(CELL_ROWS), len(CELL_COLS)))
+
+    def load(ids):
+        loaded.extend(int(i) for i in ids)
+        return {"row": ids, "col": cols[: len(ids)]}
+
+    from fgloc import distributed as dist
+
+    mapped = dist.map_rows(cell_value, CELL_ROWS, load, batch_size=3)  # across the processes
+    save_npz(
+        out / f"cells-{pid}.npz",
+        {"values": values, "computed": np.asarray(log, np.int64), "mapped": mapped,
+         "loaded": np.asarray(loaded, np.int64)},
+    )  # fmt: skip
     with train.Checkpointer(out / "ckpt", max_to_keep=10) as ck:
         it = Signals(batches(), 3 if pid == 1 else 0, signal.SIGTERM)
         state = train.create_train_state(params, tx())

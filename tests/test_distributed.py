@@ -288,6 +288,10 @@ def test_cell_cache_filled_by_two_processes_equals_one_process(two_processes, tm
     want = np.asarray(W.cell_compute(W.CELL_ROWS, W.CELL_COLS))
     for c in cells:
         np.testing.assert_allclose(c["values"], want, rtol=1e-6)  # every process has all rows
+    for c in cells:  # map_rows across processes: all rows, in order, on every process
+        np.testing.assert_allclose(c["mapped"], want, rtol=1e-6)
+    a, b = (set(c["loaded"].tolist()) for c in cells)
+    assert a and b and not a & b and sorted(a | b) == W.CELL_ROWS.tolist()  # own rows only
     new = sorted(set(W.CELL_ROWS.tolist()) - set(W.PRECACHED_ROWS.tolist()))
     a, b = (set(c["computed"].tolist()) for c in cells)
     assert a and b and not a & b and sorted(a | b) == new  # split, each row computed once
