@@ -1,7 +1,8 @@
 """One process of a multi-process test run (tests/test_distributed.py starts several).
 
 ``python tests/_distributed_worker.py MODE OUT PROCESS_ID NUM_PROCESSES PORT``: two CPU devices
-per process, gloo collectives, coordinator on ``127.0.0.1:PORT``; results go to
+per process, gloo collectives, coordinator on ``127.0.0.1:PORT``; process 0 passes these to
+`fgloc.distributed.initialize`, the others find them in the ``FGLOC_*`` variables; results go to
 ``OUT/<mode>-<process_id>.npz``. The problem definitions (`problem`, `loss`, `jitter`,
 `cell_value`) are imported by the test for its single-process references.
 
@@ -134,10 +135,13 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
     from fgloc import distributed
 
-    assert distributed.initialize(
-        f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=5,
-        shutdown_timeout_seconds=10, initialization_timeout=60,
-    )  # fmt: skip
+    if pid == 0:  # explicit arguments
+        assert distributed.initialize(
+            f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=5,
+            shutdown_timeout_seconds=10, initialization_timeout=60,
+        )  # fmt: skip
+    else:  # FGLOC_COORDINATOR_ADDRESS, FGLOC_NUM_PROCESSES, FGLOC_PROCESS_ID, FGLOC_HEARTBEAT_TIMEOUT
+        assert distributed.initialize(shutdown_timeout_seconds=10, initialization_timeout=60)
     assert distributed.initialize() and distributed.process_count() == nproc  # idempotent
     assert distributed.process_index() == pid and distributed.is_main_process() == (pid == 0)
     assert len(jax.devices()) == 2 * nproc and len(jax.local_devices()) == 2

@@ -58,7 +58,15 @@ def _launch(mode: str, out: pathlib.Path, timeout: float) -> tuple[list[int], li
             for i in range(2):
                 log = stack.enter_context(open(logs[i], "w"))
                 cmd = [sys.executable, str(WORKER_PATH), mode, str(out), str(i), "2", str(port)]
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+                own = {
+                    distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                    distributed.ENV_NUM_PROCESSES: "2",
+                    distributed.ENV_PROCESS_ID: str(i),
+                    distributed.ENV_HEARTBEAT: "5",
+                }
+                procs.append(
+                    subprocess.Popen(cmd, env={**env, **own}, stdout=log, stderr=subprocess.STDOUT)
+                )
             codes = []
             for p in procs:
                 try:
