@@ -128,7 +128,16 @@ class Signals:
         self.it.set_state(state)
 
 
+_START = time.perf_counter()
+
+
+def _mark(what: str) -> None:
+    """A timestamped progress line in the process's log."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {what}", flush=True)
+
+
 def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
+    _mark("started")
     import jax
 
     jax.config.update("jax_num_cpu_devices", 2)
@@ -145,6 +154,7 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
     assert distributed.initialize() and distributed.process_count() == nproc  # idempotent
     assert distributed.process_index() == pid and distributed.is_main_process() == (pid == 0)
     assert len(jax.devices()) == 2 * nproc and len(jax.local_devices()) == 2
+    _mark("initialised")
     from fgloc import train
     from fgloc.cache import cached_cells, save_npz
 
@@ -169,6 +179,7 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
     from fgloc import distributed as dist
 
     mapped = dist.map_rows(cell_value, CELL_ROWS, load, batch_size=3)  # across the processes
+    _mark("cells and map_rows done")
     save_npz(
         out / f"cells-{pid}.npz",
         {"values": values, "computed": np.asarray(log, np.int64), "mapped": mapped,
@@ -182,11 +193,13 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
             checkpoint_every=CHECKPOINT_EVERY,
         )  # fmt: skip
         stopped = int(early.step)
+        _mark(f"preempted at step {stopped}")
         final, rest = fit(
             state, step, batches(), num_steps=NUM_STEPS, checkpointer=ck,
             checkpoint_every=CHECKPOINT_EVERY,
         )  # fmt: skip
         steps = ck.all_steps()
+        _mark("resumed to the end")
     with train.Checkpointer(out / "ckpt1") as ck:
         assert ck.all_steps() == [ONE_PROCESS_STEP]
         from_one, _ = fit(state, step, batches(), num_steps=NUM_STEPS, checkpointer=ck)
@@ -195,7 +208,7 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
     arrays = {"stopped": stopped, "n_first": len(first), "n_rest": len(rest), "steps": steps}
     arrays["losses"] = np.asarray([h["loss"] for h in first + rest])
     save_npz(out / f"train-{pid}.npz", {**arrays, **leaves})
-    print(f"process {pid}: results saved; now training until process 1 dies", flush=True)
+    _mark(f"process {pid}: results saved; now training until process 1 dies")
     it = Signals(batches(), 3 if pid == 1 else 0, signal.SIGKILL)
     fit(train.create_train_state(params, tx()), step, it, num_steps=10**6)
 
