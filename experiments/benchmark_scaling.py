@@ -4,7 +4,7 @@
 Each configuration runs in fresh processes (``--worker``): ``jax_num_cpu_devices`` devices per
 process, and for two processes `fgloc.distributed.initialize` on a loopback coordinator with gloo
 collectives. The same small convolutional network (`SmallCNN`: three stride-2 3x3 convolutions,
-32/64/128 channels, global average pooling, a 10-way linear head; 93 k parameters) on the same
+32/64/128 channels, global average pooling, a 10-way linear head; 94,538 parameters) on the same
 synthetic 64 x 64 RGB images, float32:
 
 * ``train``: `fgloc.train.fit` with `array_batches` (global batch ``batch_size``, each process
@@ -14,12 +14,14 @@ synthetic 64 x 64 RGB images, float32:
 * ``map``: `fgloc.distributed.map_rows` of the network's pooled features over ``map_images``
   images (each process its own block, batches over its local devices, gathered on every
   process); ``map_images_per_s`` of a second call (the first compiles);
-* ``allreduce_ms``: median wall time of one all-reduce of a gradient-sized float32 vector (93 k
+* ``allreduce_ms``: median wall time of one all-reduce of a gradient-sized float32 vector (94,538
   values) over the configuration's devices — the cross-process (or cross-device) reduction
   that every training step contains (~0 for one device).
 
 Wall times on a shared machine include other jobs' load: the JSON records the load average at
-the start and end of every configuration and each process's CPU seconds.
+the start and end of every configuration and each process's CPU seconds. ``--smoke`` (the test
+of the script) uses one 8-channel convolution on 16 x 16 images and a few steps. The workers'
+logs go to ``FILE.work/``.
 
 Run::
 
