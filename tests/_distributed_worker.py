@@ -142,7 +142,9 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
 
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_default_matmul_precision", "highest")
-    from fgloc import distributed
+    # Importing fgloc must not start a JAX backend (initialize would then refuse to run).
+    from fgloc import distributed, train
+    from fgloc.cache import cached_cells, save_npz
 
     if pid == 0:  # explicit arguments
         assert distributed.initialize(
@@ -155,8 +157,6 @@ def main(mode: str, out: pathlib.Path, pid: int, nproc: int, port: int) -> None:
     assert distributed.process_index() == pid and distributed.is_main_process() == (pid == 0)
     assert len(jax.devices()) == 2 * nproc and len(jax.local_devices()) == 2
     _mark("initialised")
-    from fgloc import train
-    from fgloc.cache import cached_cells, save_npz
 
     _, params = problem()
     mesh = train.data_mesh()
