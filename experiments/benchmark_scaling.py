@@ -18,8 +18,10 @@ synthetic 64 x 64 RGB images, float32:
   values) over the configuration's devices — the cross-process (or cross-device) reduction
   that every training step contains (~0 for one device).
 
-Wall times on a shared machine include other jobs' load: the JSON records the load average at
-the start and end of every configuration and each process's CPU seconds. ``--smoke`` (the test
+Wall times on a shared machine include other jobs' load: the configurations run ``rounds``
+times, interleaved (1x1, 1x2, 2x1, 1x1, ...) so that all see the same background load, and each
+figure is the median over the rounds (every round's value is kept, ``*_rounds``); the JSON
+records the load average at the start and end of every run and each process's CPU seconds. ``--smoke`` (the test
 of the script) uses one 8-channel convolution on 16 x 16 images and a few steps. The workers'
 logs go to ``FILE.work/``.
 
@@ -51,9 +53,9 @@ CONFIGS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # name: (processes, dev
 def settings(smoke: bool) -> dict[str, Any]:
     if smoke:  # one narrow convolution: the script end to end, little to compile
         return dict(batch_size=4, warmup_steps=1, steps=2, map_images=8, image_size=16, reps=3,
-                    widths=[8])  # fmt: skip
+                    widths=[8], rounds=1)  # fmt: skip
     return dict(batch_size=32, warmup_steps=3, steps=30, map_images=512, image_size=64, reps=30,
-                widths=[32, 64, 128])  # fmt: skip
+                widths=[32, 64, 128], rounds=3)  # fmt: skip
 
 
 def _model(widths: list[int]):
@@ -180,6 +182,7 @@ def _run_config(name: str, workdir: pathlib.Path, smoke: bool, timeout: float) -
     env["JAX_PLATFORMS"] = "cpu"
     root = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    workdir.mkdir(parents=True, exist_ok=True)
     results = [workdir / f"{name}-{i}.json" for i in range(nproc)]
     logs = [workdir / f"{name}-{i}.log" for i in range(nproc)]
     load_start = os.getloadavg()
@@ -212,6 +215,9 @@ def _run_config(name: str, workdir: pathlib.Path, smoke: bool, timeout: float) -
     return record
 
 
+_TIMED = ("train_images_per_s", "train_step_ms", "map_images_per_s", "allreduce_ms")
+
+
 def run(out: pathlib.Path, smoke: bool) -> dict[str, Any]:
     import importlib.metadata
 
@@ -231,8 +237,19 @@ def run(out: pathlib.Path, smoke: bool) -> dict[str, Any]:
         "smoke": smoke,
         "configs": {},
     }
-    for name in CONFIGS:
-        results["configs"][name] = _run_config(name, workdir, smoke, timeout=600)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+    for r in range(results["settings"]["rounds"]):  # interleaved: all see the same load
+        for name in CONFIGS:
+            rounds[name].append(_run_config(name, workdir / f"round{r}", smoke, timeout=600))
+    for name, records in rounds.items():
+        merged = dict(records[0])
+        for key in _TIMED:
+            merged[key] = statistics.median(rec[key] for rec in records)
+            merged[f"{key}_rounds"] = [rec[key] for rec in records]
+        merged["process_cpu_s"] = [rec["process_cpu_s"] for rec in records]
+        merged["loadavg_start"] = [rec["loadavg_start"] for rec in records]
+        merged["loadavg_end"] = [rec["loadavg_end"] for rec in records]
+        results["configs"][name] = merged
     c = results["configs"]
     results["summary"] = {
         "train_speedup_1x2_vs_1x1": c["1x2"]["train_images_per_s"] / c["1x1"]["train_images_per_s"],

@@ -26,17 +26,16 @@ def test_smoke_run_writes_all_configurations(tmp_path):
     result = json.loads(out.read_text())
     assert result["smoke"] is True
     assert {"platform", "cpu_count", "jax", "device"} <= set(result["machine"])
-    configs = result["configs"]
+    configs, s = result["configs"], result["settings"]
     assert set(configs) == {"1x1", "1x2", "2x1"}
     for name, (procs, devices) in {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}.items():
         c = configs[name]
         assert (c["processes"], c["devices_per_process"]) == (procs, devices)
         assert c["global_devices"] == procs * devices
-        assert len(c["process_cpu_s"]) == procs
-        s = result["settings"]
+        assert len(c["process_cpu_s"]) == s["rounds"] == 1 and len(c["process_cpu_s"][0]) == procs
         assert c["final_step"] == s["warmup_steps"] + s["steps"]
         for key in ("train_images_per_s", "map_images_per_s", "train_step_ms", "allreduce_ms"):
-            assert c[key] > 0, (name, key)
+            assert c[key] > 0 and c[f"{key}_rounds"] == [c[key]], (name, key)
         assert c["train_images_per_s"] * c["train_step_ms"] / 1e3 == pytest.approx(s["batch_size"])  # fmt: skip
     assert result["summary"]["cross_process_allreduce_ms"] == configs["2x1"]["allreduce_ms"]
     assert "summary" in json.loads(proc.stdout)
