@@ -42,6 +42,8 @@ __all__ = [
     "barrier",
     "initialize",
     "is_main_process",
+    "is_multiprocess",
+    "is_peer_failure",
     "map_rows",
     "process_count",
     "process_index",
