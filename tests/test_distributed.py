@@ -237,10 +237,15 @@ def two_processes(tmp_path_factory):
     return out, [dict(np.load(out / f"train-{p}.npz")) for p in (0, 1)], logs, codes
 
 
+# The tests below share one run of two worker processes (about 60 s of CPU on 2 cores).
+two_process = pytest.mark.slow
+
+
 def _leaves(result: dict, prefix: str = "leaf") -> list[np.ndarray]:
     return [result[f"{prefix}{i}"] for i in range(len([k for k in result if k.startswith(prefix)]))]
 
 
+@two_process
 def test_two_processes_train_like_one_process_with_four_devices(two_processes, reference):
     _, results, _, _ = two_processes
     for a, b in zip(_leaves(results[0]), _leaves(results[1]), strict=True):
@@ -253,6 +258,7 @@ def test_two_processes_train_like_one_process_with_four_devices(two_processes, r
     np.testing.assert_allclose(results[0]["losses"], [h["loss"] for h in hist], rtol=2e-5)
 
 
+@two_process
 def test_sigterm_in_one_process_stops_both_at_the_same_saved_step(two_processes):
     _, results, logs, _ = two_processes
     stopped = int(results[0]["stopped"])
@@ -265,6 +271,7 @@ def test_sigterm_in_one_process_stops_both_at_the_same_saved_step(two_processes)
     assert "SIGTERM received" not in logs[1]  # logged by process 0 only
 
 
+@two_process
 def test_checkpoint_of_two_processes_resumes_in_one_process(two_processes, reference, tmp_path):
     out, results, _, _ = two_processes
     stopped = int(results[0]["stopped"])
@@ -279,6 +286,7 @@ def test_checkpoint_of_two_processes_resumes_in_one_process(two_processes, refer
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=1e-6)
 
 
+@two_process
 def test_checkpoint_of_one_process_resumes_in_two_processes(two_processes, reference):
     _, results, _, _ = two_processes
     ref, _ = reference
@@ -290,6 +298,7 @@ def test_checkpoint_of_one_process_resumes_in_two_processes(two_processes, refer
         np.testing.assert_allclose(a, np.asarray(want), rtol=2e-5, atol=1e-6)
 
 
+@two_process
 def test_cell_cache_filled_by_two_processes_equals_one_process(two_processes, tmp_path):
     out, _, _, _ = two_processes
     cells = [dict(np.load(out / f"cells-{p}.npz")) for p in (0, 1)]
@@ -316,6 +325,7 @@ def test_cell_cache_filled_by_two_processes_equals_one_process(two_processes, tm
     np.testing.assert_array_equal(got, single)
 
 
+@two_process
 def test_a_dead_process_makes_the_other_fail_with_a_clear_error(two_processes):
     _, _, logs, codes = two_processes  # _launch fails the test if a process hangs
     assert "now training until process 1 dies" in logs[1]
