@@ -1,6 +1,11 @@
-"""fgloc.train: data-parallel step == single-device step == analytic SGD; orbax round trip."""
+"""fgloc.train: data-parallel step == single-device step == analytic SGD; orbax round trip;
+resume and preemption (SIGTERM). Several processes: tests/test_distributed.py."""
 
 from __future__ import annotations
+
+import functools
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -185,29 +190,30 @@ def _all_leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
-def test_resumed_run_is_the_uninterrupted_run_on_shuffled_augmented_batches(tmp_path):
-    """Issue 13 defect 2: a run interrupted after 5 steps and resumed (a new Checkpointer, a
-    new iterator, as a new process would) ends with every leaf of the state — params, Adam
-    moments, step — equal to the uninterrupted run. Batches are shuffled each epoch (10
-    examples, batch 4, so epochs wrap mid-run), augmented per example, and the loss uses the
-    step's rng. Restarting the iterator from the beginning (the old behaviour) replays epoch 0's
-    first batches and fails this test."""
-    rs = np.random.default_rng(0)
-    arrays = {
-        "x": rs.normal(size=(10, 3)).astype(np.float32),
-        "y": rs.normal(size=(10,)).astype(np.float32),
-    }
-    params = {"w": np.zeros(3, np.float32), "b": np.float32(0.0)}
-    tx = optax.adam(5e-2)
-    mesh = trainer.data_mesh(4)
-    step = trainer.make_train_step(_dropout_loss, tx, mesh)
+class _DropoutRun:
+    """Shuffled (10 examples, batch 4: epochs wrap mid-run), per-example augmented batches and a
+    loss that uses the step's rng, on 4 devices; one compiled step for every test using it."""
 
-    def run(num_steps, ck=None, every=0):
+    def __init__(self) -> None:
+        rs = np.random.default_rng(0)
+        self.arrays = {
+            "x": rs.normal(size=(10, 3)).astype(np.float32),
+            "y": rs.normal(size=(10,)).astype(np.float32),
+        }
+        self.params = {"w": np.zeros(3, np.float32), "b": np.float32(0.0)}
+        self.tx = optax.adam(5e-2)
+        self.mesh = trainer.data_mesh(4)
+        self.step = trainer.make_train_step(_dropout_loss, self.tx, self.mesh)
+
+    def batches(self):
+        return trainer.array_batches(self.arrays, 4, seed=3, transform=_jitter)
+
+    def __call__(self, num_steps, ck=None, every=0, batches=None):
         return trainer.fit(
-            trainer.create_train_state(params, tx),
-            step,
-            trainer.array_batches(arrays, 4, seed=3, transform=_jitter),
-            mesh=mesh,
+            trainer.create_train_state(self.params, self.tx),
+            self.step,
+            self.batches() if batches is None else batches,
+            mesh=self.mesh,
             num_steps=num_steps,
             rng=jax.random.key(7),
             checkpointer=ck,
@@ -215,7 +221,21 @@ def test_resumed_run_is_the_uninterrupted_run_on_shuffled_augmented_batches(tmp_
             progress=False,
         )
 
-    ref, ref_hist = run(9)
+
+@pytest.fixture(scope="module")
+def dropout_run():
+    run = _DropoutRun()
+    return run, run(9)  # the uninterrupted run: (state, history)
+
+
+def test_resumed_run_is_the_uninterrupted_run_on_shuffled_augmented_batches(tmp_path, dropout_run):
+    """Issue 13 defect 2: a run interrupted after 5 steps and resumed (a new Checkpointer, a
+    new iterator, as a new process would) ends with every leaf of the state — params, Adam
+    moments, step — equal to the uninterrupted run. Batches are shuffled each epoch (10
+    examples, batch 4, so epochs wrap mid-run), augmented per example, and the loss uses the
+    step's rng. Restarting the iterator from the beginning (the old behaviour) replays epoch 0's
+    first batches and fails this test."""
+    run, (ref, ref_hist) = dropout_run
     with checkpoints.Checkpointer(tmp_path / "ck") as ck:
         run(5, ck)
     with checkpoints.Checkpointer(tmp_path / "ck") as ck:
@@ -237,9 +257,58 @@ def test_resume_of_a_plain_iterable_skips_the_consumed_batches(tmp_path):
     tx = optax.sgd(0.1)
     mesh = trainer.data_mesh(2)
     step = trainer.make_train_step(_dropout_loss, tx, mesh)
-    kw = dict(mesh=mesh, rng=jax.random.key(0), progress=False)
-    ref, _ = trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=6, **kw)
+    fit = functools.partial(trainer.fit, mesh=mesh, rng=jax.random.key(0), progress=False)
+    ref, _ = fit(trainer.create_train_state(params, tx), step, data, num_steps=6)
     with checkpoints.Checkpointer(tmp_path) as ck:
-        trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=2, checkpointer=ck, **kw)  # fmt: skip
-        out, _ = trainer.fit(trainer.create_train_state(params, tx), step, data, num_steps=6, checkpointer=ck, **kw)  # fmt: skip
+        fit(trainer.create_train_state(params, tx), step, data, num_steps=2, checkpointer=ck)
+        out, _ = fit(trainer.create_train_state(params, tx), step, data, num_steps=6, checkpointer=ck)  # fmt: skip
     _all_leaves_equal(out, ref)
+
+
+class _SigtermAt:
+    """Batches that send SIGTERM to this process when the `at`-th batch is drawn, recording
+    the SIGTERM handler in place at each draw; keeps grain's position API."""
+
+    def __init__(self, it, at):
+        self.it, self.at, self.n, self.handlers = it, at, 0, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.n += 1
+        self.handlers.append(signal.getsignal(signal.SIGTERM))
+        if self.n == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def test_sigterm_saves_at_the_next_step_returns_and_resumes_to_the_same_result(
+    tmp_path, caplog, dropout_run
+):
+    """Issue 16 (preemption): SIGTERM while batch 3 is drawn -> step 3 finishes, a checkpoint
+    is saved at step 3 and `fit` returns normally; a second `fit` ends equal to the
+    uninterrupted run. The handler is installed only with a checkpointer, and restored."""
+    run, (ref, _) = dropout_run
+    before = signal.getsignal(signal.SIGTERM)
+    plain = _SigtermAt(run.batches(), at=0)
+    run(2, batches=plain)
+    assert plain.handlers == [before, before]  # no checkpointer: SIGTERM left alone
+    interrupted = _SigtermAt(run.batches(), at=3)
+    with checkpoints.Checkpointer(tmp_path / "ck") as ck, caplog.at_level("WARNING"):
+        early, hist = run(9, ck, batches=interrupted)
+        assert int(early.step) == 3 and len(hist) == 3
+        assert ck.all_steps() == [3]
+    assert "SIGTERM received; saved a checkpoint at step 3 of 9" in caplog.text
+    assert interrupted.handlers[0] is not before  # fit's handler was in place ...
+    assert signal.getsignal(signal.SIGTERM) is before  # ... and is restored
+    with checkpoints.Checkpointer(tmp_path / "ck") as ck:
+        resumed, rest = run(9, ck)
+        assert len(rest) == 6 and ck.latest_step() == 9
+    _all_leaves_equal(resumed, ref)

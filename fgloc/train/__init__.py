@@ -1,5 +1,5 @@
-"""Training: data-parallel optax steps on a device mesh (`trainer`), orbax checkpoints
-(`checkpoints`)."""
+"""Training: data-parallel optax steps on a device mesh of one or several processes
+(`trainer`), orbax checkpoints (`checkpoints`)."""
 
 from fgloc.train.checkpoints import Checkpointer, CheckpointMismatchError
 from fgloc.train.trainer import (
@@ -9,6 +9,7 @@ from fgloc.train.trainer import (
     data_mesh,
     fit,
     make_train_step,
+    process_batches,
     replicate,
     shard_batch,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "data_mesh",
     "fit",
     "make_train_step",
+    "process_batches",
     "replicate",
     "shard_batch",
 ]

@@ -7,6 +7,13 @@ reads the batches the uninterrupted run would have read). Before restoring, the 
 compared with the tree the caller expects, so a checkpoint from another model or config fails
 with an error that lists the missing, unexpected and mis-shaped entries instead of an orbax
 traceback.
+
+Several processes (`fgloc.distributed.initialize`): every process creates the `Checkpointer` on
+the same directory — one file system that all of them see (NFS, a cluster file system) — and
+calls `save`, `restore` and `close` together, as `fgloc.train.fit` does. orbax coordinates
+them: each array is written once, the ``data`` item is process 0's, and `restore` reads into
+the shardings of the target, so a checkpoint written by N processes resumes on any other
+number of processes and devices (tests/test_distributed.py: two processes -> one, one -> two).
 """
 
 from __future__ import annotations
