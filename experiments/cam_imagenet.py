@@ -52,7 +52,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.backbone = "efficientnet_lite0"
     c.input_size = 448
     c.box_map_size = 224
-    c.box_rule = "paper"  # or "released"
+    c.box_rule = "largest"  # the paper's rule, or "released"
+    c.box_connectivity = 4
     c.released_thresholds = (20, 100, 110)
     c.threshold = 0.2
     c.backprop = True
@@ -93,58 +94,57 @@ def _box_metrics(
     config: Any,  # a get_config() ConfigDict (dynamic attribute types)
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of ``(N, 6, h, w)`` maps: 5 for the top-5 classes, then the true class."""
-    from fgloc.metrics import gt_known_loc_acc, localization_error
+    from fgloc.localize.boxes import boxes_in_image
+    from fgloc.metrics import (
+        best_iou,
+        gt_known_loc_acc,
+        localization_error,
+        max_box_acc_v2_in_images,
+    )
 
     n, t, h, w = maps.shape
+    rule = config.box_rule
+    box_options = {
+        "rule": rule,
+        "map_size": config.box_map_size,
+        "connectivity": int(config.box_connectivity) if rule == "largest" else None,
+        "released_thresholds": tuple(config.released_thresholds),
+    }
+    flat, flat_sizes = maps.reshape(n * t, h, w), np.repeat(sizes, t, axis=0)
 
-    def boxes_at(threshold: float) -> np.ndarray:
-        return cam_cub.maps_to_boxes(
-            maps.reshape(n * t, h, w),
-            np.repeat(sizes, t, axis=0),
-            map_size=config.box_map_size,
-            rule=config.box_rule,
-            threshold=threshold,
-            released_thresholds=tuple(config.released_thresholds),
-        ).reshape(n, t, 4)
+    def boxes_at(threshold: Any) -> np.ndarray:
+        out = boxes_in_image(flat, flat_sizes, threshold, **box_options)
+        return out.reshape(n, t, *out.shape[1:])  # (n, t, 4) or (n, t, T, 4)
 
     out: dict[str, Any] = {}
     boxes = boxes_at(config.threshold)
-    if config.box_rule == "paper" and config.cv_folds > 1:
+    if rule == "largest" and config.cv_folds > 1:
         fixed = localization_error(top5, boxes[:, :5], labels, gt_boxes)
         out[f"{prefix}top1_loc_err_threshold{config.threshold:g}"] = fixed["top1_loc_err"]
         out[f"{prefix}gt_known_loc_acc_threshold{config.threshold:g}"] = gt_known_loc_acc(
             boxes[:, 5], gt_boxes
         )
         grid = [float(v) for v in config.threshold_grid]
-        per_t = {v: boxes_at(v) for v in grid}
-        hit = {
-            v: np.array([gt_known_loc_acc(b[i : i + 1, 5], gt_boxes[i : i + 1]) for i in range(n)])
-            for v, b in per_t.items()
-        }
+        per_t = boxes_at(grid)  # (n, 6, T, 4): one labelling per map for the whole grid
+        hit = best_iou(per_t[:, 5], gt_boxes) >= 0.5  # (n, T) GT-known hits
         folds = np.array_split(np.random.default_rng(0).permutation(n), config.cv_folds)
         boxes = np.zeros_like(boxes)
         chosen = []
         for f in folds:
             rest = np.setdiff1d(np.arange(n), f)
-            best = max(grid, key=lambda v: (hit[v][rest].mean(), -abs(v - config.threshold)))
-            boxes[f] = per_t[best][f]
-            chosen.append(best)
+            j = max(
+                range(len(grid)),
+                key=lambda j: (hit[rest, j].mean(), -abs(grid[j] - config.threshold)),
+            )
+            boxes[f] = per_t[f, :, j]
+            chosen.append(grid[j])
         out.update({f"{prefix}threshold_cv_fold{i}": v for i, v in enumerate(chosen)})
     err = localization_error(top5, boxes[:, :5], labels, gt_boxes)
     out.update({f"{prefix}{k}": v for k, v in err.items() if "loc" in k})
     out[f"{prefix}gt_known_loc_acc"] = gt_known_loc_acc(boxes[:, 5], gt_boxes)
-    scaled = [
-        g * config.box_map_size / np.array([s[1], s[0], s[1], s[0]])
-        for g, s in zip(gt_boxes, sizes)
-    ]
-    from fgloc.maps.cam import resize_maps
-    from fgloc.metrics import MaxBoxAccV2
-
-    acc = MaxBoxAccV2()
-    up = jax.jit(lambda m: resize_maps(m, (config.box_map_size, config.box_map_size)))
-    for i in range(0, n, 16):
-        acc.update(np.asarray(up(jnp.asarray(maps[i : i + 16, 5]))), scaled[i : i + 16])
-    out[f"{prefix}maxboxacc_v2"] = acc.compute().value
+    out[f"{prefix}maxboxacc_v2"] = max_box_acc_v2_in_images(
+        maps[:, 5], sizes, gt_boxes, config.box_map_size, chunk=16
+    ).value
     return out, boxes
 
 
@@ -153,9 +153,9 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     from fgloc.data.imagenet import read_imagenet_val
     from fgloc.data.pipeline import load_resized
-    from fgloc.localize_images import gaussian_blur
     from fgloc.maps.cam import class_activation_maps, top_classes
     from fgloc.maps.sensitivity import sensitivity_maps
+    from fgloc.maps.smooth import gaussian_blur
     from fgloc.metrics import localization_error
     from fgloc.pretrained import pretrained
 

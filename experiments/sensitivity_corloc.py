@@ -70,7 +70,6 @@ the paper fitted it on 225,687 images. The paper's Table 1 values are not in our
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
@@ -398,22 +397,17 @@ def largest_box(boxes: np.ndarray) -> np.ndarray:
     return boxes[int(np.argmax(area))]
 
 
-@functools.cache
-def _boxes_from_maps_jit() -> Any:
-    from fgloc.localize.boxes import boxes_from_maps
-
-    return jax.jit(boxes_from_maps)
-
-
-def threshold_boxes(maps: np.ndarray, sizes: np.ndarray, threshold: float, side: int) -> np.ndarray:
-    """Threshold-heuristic boxes ``(N, 4)`` in image pixels from ``(N, h, w)`` maps pooled to
-    ``side``² (largest 4-connected region above ``threshold · max``, `boxes_from_maps`)."""
+def threshold_boxes(
+    maps: np.ndarray, sizes: np.ndarray, threshold: Any, side: int, connectivity: int = 4
+) -> np.ndarray:
+    """Threshold-heuristic boxes in image pixels from ``(N, h, w)`` maps area-pooled to
+    ``side``² (largest connected region above ``threshold · max``,
+    `fgloc.localize.boxes.boxes_in_image`): ``(N, 4)``, or ``(N, T, 4)`` for a grid ``(T,)``."""
     from fgloc.localize.box_regression import pool_maps
+    from fgloc.localize.boxes import boxes_in_image
 
-    pooled = pool_maps(jnp.asarray(maps), side)
-    boxes = np.asarray(_boxes_from_maps_jit()(pooled, threshold), np.float64) / side
-    h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
-    return boxes * np.stack([w, h, w, h], axis=1)
+    pooled = np.asarray(pool_maps(jnp.asarray(maps), side))
+    return boxes_in_image(pooled, sizes, threshold, connectivity=connectivity)
 
 
 def fit_and_predict(
@@ -455,10 +449,8 @@ def fit_and_predict(
     learned = br.predict_boxes(reg, maps[test], sizes[test])
     learned_train = br.predict_boxes(reg, maps[train], sizes[train])
     side = int(config.threshold_map_size)
-    train_hits = [
-        metrics.corloc(threshold_boxes(maps[train], sizes[train], t, side), train_gt)
-        for t in config.thresholds
-    ]
+    sweep = threshold_boxes(maps[train], sizes[train], tuple(config.thresholds), side)
+    train_hits = (metrics.best_iou(sweep, train_gt) >= 0.5).mean(axis=0)  # CorLoc per t
     best_t = float(config.thresholds[int(np.argmax(train_hits))])
     return {
         "learned": learned,

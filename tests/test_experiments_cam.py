@@ -189,25 +189,6 @@ def test_main_writes_metrics_and_config(tmp_path):
 # ----------------------------------------------------------------------------- CAM helpers
 
 
-def test_maps_to_boxes_scales_to_original_pixels():
-    m = np.zeros((1, 8, 8), np.float32)
-    m[0, 2:4, 4:7] = 1.0  # rows 2..3, cols 4..6
-    m[0, 7, 0] = 0.9  # a smaller separate blob
-    sizes = np.array([[16, 32]])  # original H=16, W=32: x scales by 4, y by 2
-    box = cam_cub.maps_to_boxes(m, sizes, map_size=8, rule="paper", threshold=0.5)
-    np.testing.assert_allclose(box, [[16, 4, 28, 8]])
-    with pytest.raises(ValueError, match="box_rule"):
-        cam_cub.maps_to_boxes(m, sizes, map_size=8, rule="nope")
-
-
-def test_maps_to_boxes_released_rule_ranks_by_area():
-    m = np.zeros((1, 64, 64), np.float32)
-    m[0, 8:40, 8:40] = 1.0  # 32x32 square: the biggest contour
-    m[0, 50:58, 50:58] = 1.0
-    box = cam_cub.maps_to_boxes(m, np.array([[64, 64]]), map_size=64, rule="released")
-    assert box[0, 0] <= 10 and box[0, 2] >= 38 and box[0, 2] - box[0, 0] < 40
-
-
 def test_tune_threshold_picks_the_grid_value_that_fits():
     # A pyramid map: the box of `map > t·max` shrinks as t grows; the GT fits t = 0.5.
     yy, xx = np.mgrid[0:20, 0:20]
@@ -313,15 +294,29 @@ def test_cam_class_units_smoke(shared_data, tmp_path):
     assert (tmp_path / "class_units.png").stat().st_size > 0
 
 
-def test_cam_boxes_of_a_known_map_match_in_jax_and_numpy_paths():
-    """maps_to_boxes (jax, paper rule) agrees with the scipy sweep used for tuning."""
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_threshold_sweep_and_test_boxes_agree_exactly(connectivity):
+    """The threshold cam_cub chooses on train is scored with the boxes the test split gets:
+    the sweep's boxes (tune_threshold) and the final boxes (boxes_in_image) are the same on
+    EVERY map, and equal the device rule (boxes_from_maps) on the upsampled maps."""
+    import jax
+
+    from fgloc.localize.boxes import boxes_from_maps, boxes_in_image
+    from fgloc.maps.resample import resize_maps_host
+
     rs = np.random.default_rng(1)
-    m = rs.random((3, 7, 7)).astype(np.float32) ** 4
-    sizes = np.array([[70, 70]] * 3)
-    gt = cam_cub.maps_to_boxes(m, sizes, map_size=14, threshold=0.3)
-    _, sweep = cam_cub.tune_threshold(m, sizes, gt, (0.3,), 14)
-    assert sweep[0.3] >= 2 / 3  # 4- vs 8-connectivity may differ on diagonal touches
-    assert jnp.asarray(gt).shape == (3, 4)
+    m = rs.random((12, 7, 7)).astype(np.float32) ** 4  # rough maps: diagonal touches, ties
+    sizes = np.array([[70, 70]] * 12)
+    final = boxes_in_image(m, sizes, 0.3, map_size=14, connectivity=connectivity)
+    _, sweep = cam_cub.tune_threshold(m, sizes, final, (0.3,), 14, connectivity)
+    assert sweep[0.3] == 1.0  # the sweep's box is the final box on all 12 maps
+    up = jnp.asarray(resize_maps_host(m, 14))
+    device = jax.jit(lambda x: boxes_from_maps(x, 0.3, connectivity=connectivity))(up)
+    np.testing.assert_array_equal(final, np.asarray(device) * 5.0)  # 70 / 14
+    # The other connectivity draws other boxes on these maps: the check has teeth.
+    other = boxes_in_image(m, sizes, 0.3, map_size=14, connectivity=12 - connectivity)
+    _, sweep_other = cam_cub.tune_threshold(m, sizes, other, (0.3,), 14, connectivity)
+    assert sweep_other[0.3] < 1.0
 
 
 def test_topk_imagenet_cam_is_probability_weighted_cam():
