@@ -23,7 +23,7 @@ Pipeline (choices the paper leaves open are marked *):
    ``WORKDIR/cache/`` as npz chunks (reruns and interrupted runs reuse them);
 4. features: the map area-pooled to ``s × s`` and normalised per map; ``s`` and the norm chosen
    with λ by k-fold CV (mean IoU) on the training split; targets ``(x0/W, y0/H, x1/W, y1/H)``
-   (`fgloc.localize.box_regression`); ridge in closed form;
+   (`fgloc.localize.box_regression`); ridge by `fgloc.localize.ridge`;
 5. evaluation: CorLoc of the learned box, of the threshold box and of the centre box. For
    images with several ground-truth boxes (ImageNet) a hit is IoU ≥ 0.5 with any of them; the
    regression target and the centre box's mean size use the largest box*.
@@ -436,7 +436,7 @@ def fit_and_predict(
         seed=int(config.seed),
         scorer=config.cv_score,
     )
-    reg, _ = br.fit_box_regressor(
+    reg = br.fit_box_regressor(
         maps[train],
         train_boxes,
         sizes[train],
