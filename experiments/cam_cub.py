@@ -64,7 +64,6 @@ __all__ = [
     "get_config",
     "make_forward",
     "run",
-    "save_figure",
     "topk_imagenet_cam",
 ]
 
@@ -306,52 +305,6 @@ def svm_raw_weights(clf: Any) -> np.ndarray:
     return w.T
 
 
-# ----------------------------------------------------------------------------- figure
-
-
-def save_figure(
-    path: pathlib.Path,
-    paths: Sequence[str],
-    maps: np.ndarray,
-    pred: np.ndarray,
-    gt: Sequence[np.ndarray],
-    titles: Sequence[str],
-) -> None:
-    """Images with the map overlaid, predicted box (red) and ground-truth boxes (green)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from fgloc.data.images import load_image
-    from fgloc.data.pipeline import resize_image
-    from fgloc.maps.normalize import minmax_normalize
-
-    n = len(paths)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, ax in enumerate(axes.ravel()[:n]):
-        img = load_image(paths[i])
-        h, w = img.shape[:2]
-        m = minmax_normalize(maps[i].astype(np.float64))
-        heat = resize_image((255 * m).astype(np.uint8)[..., None].repeat(3, -1), (h, w))[..., 0]
-        ax.imshow(img)
-        ax.imshow(heat, cmap="jet", alpha=0.45)
-        for b in np.asarray(gt[i]).reshape(-1, 4):
-            ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=2))
-        b = pred[i]
-        ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=2))
-        ax.set_title(titles[i], fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- experiment
 
 
@@ -523,7 +476,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         titles = [
             f"{nm}  IoU {float(_iou(boxes_pred[i], gt_boxes[i])):.2f}" for i, nm in enumerate(names)
         ]
-        save_figure(
+        common.save_box_figure(
             workdir / "examples.png", list(test.paths[:k]), cams_pred[:k], boxes_pred[:k],
             [gt_boxes[i] for i in range(k)], titles,
         )  # fmt: skip

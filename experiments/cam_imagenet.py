@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import cam_cub, common
+from experiments import common
 
 __all__ = ["get_config", "run"]
 
@@ -233,11 +233,11 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             f"{names[top5[i, 0]].split(',')[0]} ({'ok' if top5[i, 0] == labels[i] else 'wrong'})"
             for i in range(k)
         ]
-        cam_cub.save_figure(
+        common.save_box_figure(
             workdir / "examples_cam.png", paths[:k], cam[:k, 0], boxes[:k, 0], gt_boxes[:k], titles
         )
         if config.backprop:
-            cam_cub.save_figure(
+            common.save_box_figure(
                 workdir / "examples_backprop.png", paths[:k], bp[:k, 0], bp_boxes[:k, 0],
                 gt_boxes[:k], titles,
             )  # fmt: skip

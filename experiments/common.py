@@ -44,6 +44,7 @@ __all__ = [
     "main",
     "parse_args",
     "resolve_data_dir",
+    "save_box_figure",
     "write_metrics",
 ]
 
@@ -214,3 +215,55 @@ def main(
     write_metrics(workdir, metrics)
     print(json.dumps({k: _to_json(v) for k, v in metrics.items()}, indent=2, sort_keys=True))
     return metrics
+
+
+def save_box_figure(
+    path: pathlib.Path,
+    paths: Sequence[str],
+    maps: np.ndarray,
+    pred: np.ndarray,
+    gt: Sequence[np.ndarray],
+    titles: Sequence[str],
+) -> None:
+    """Saves a grid of photos with their map overlaid, predicted box (red), ground truth (green).
+
+    Args:
+      path: PNG to write (folders are created).
+      paths: the photos (any size; read with `fgloc.data.images.load_image`).
+      maps: ``(N, h, w)`` maps over each whole photo (min-max normalised and resized to it).
+      pred: ``(N, 4)`` predicted boxes, photo pixels.
+      gt: ``N`` arrays ``(k, 4)`` of ground-truth boxes, photo pixels.
+      titles: one title per photo.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from fgloc.data.images import load_image
+    from fgloc.data.pipeline import resize_image
+    from fgloc.maps.normalize import minmax_normalize
+
+    n = len(paths)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, ax in enumerate(axes.ravel()[:n]):
+        img = load_image(paths[i])
+        h, w = img.shape[:2]
+        m = minmax_normalize(maps[i].astype(np.float64))
+        heat = resize_image((255 * m).astype(np.uint8)[..., None].repeat(3, -1), (h, w))[..., 0]
+        ax.imshow(img)
+        ax.imshow(heat, cmap="jet", alpha=0.45)
+        for b in np.asarray(gt[i]).reshape(-1, 4):
+            ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=2))
+        b = pred[i]
+        ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=2))
+        ax.set_title(titles[i], fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
