@@ -10,9 +10,10 @@ Classes: ``config.classes`` (ImageNet ids) or, when empty, the ``num_classes`` I
 most often predicted top-1 on the images. Images: the CUB test split when ``DIR`` holds
 ``CUB_200_2011`` (bird units), else an ILSVRC-layout folder.
 
-Command (CPU; ~300 CUB images at 224)::
+Configurations: ``experiments/configs/cam_class_units.py``. Command (CPU; ~300 CUB images at
+224)::
 
-    nice -n 10 python -m experiments.cam_class_units --data_dir ../shared/data --workdir /tmp/cu
+    nice -n 10 python -m experiments.cam_class_units --workdir /tmp/cu
 
 Writes ``WORKDIR/class_units.png`` and ``metrics.json`` (``n_images``, ``backbone``,
 ``seconds``, ``class_<i>``, ``class_<i>_units``, ``class_<i>_top_unit_share``: the share of the
@@ -26,35 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from experiments import common
 
-__all__ = ["get_config", "rank_units", "run", "segment_box", "top_images"]
-
-
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.backbone = "efficientnet_lite0"
-    c.input_size = 224
-    c.classes = ()  # ImageNet class ids; empty: the most predicted ones
-    c.num_classes = 3
-    c.num_units = 3
-    c.num_images = 5
-    c.segment_threshold = 0.5
-    c.max_images = 300
-    c.batch_size = 20
-    if preset == "smoke":
-        c.input_size = 96
-        c.max_images = 8
-        c.batch_size = 8
-        c.num_classes = 1
-        c.num_units = 2
-        c.num_images = 2
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; use default or smoke")
-    return c
+__all__ = ["rank_units", "run", "segment_box", "top_images"]
 
 
 def rank_units(weights: np.ndarray, class_id: int, k: int) -> np.ndarray:
@@ -168,4 +145,4 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

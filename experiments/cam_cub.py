@@ -2,13 +2,15 @@
 
 Reproduces paper 003's CUB experiment with a pretrained network and no fine-tuning:
 
+Configurations: ``experiments/configs/cam_cub.py`` (one preset per README row).
+
 1. every image is resized (squashed) to ``input_size``²; features of the CAM layers are
    average-pooled (GAP) and a linear SVM (scikit-learn ``LinearSVC``, one-vs-rest, on
    standardised features) is trained on the train split: ``cls_acc_full`` (paper: 63.0%);
 2. SVM-CAM: ``M_c(x, y) = Σ_k w_k^c f_k(x, y)`` with the SVM weights mapped back to raw feature
    units (``w / scale``; no bias), for the SVM's predicted class; upsampled to
-   ``box_map_size``², boxed with the paper's rule (largest ``box_connectivity``-connected
-   component above ``threshold · max``) or the released code's rule (first box), and scaled to
+   ``box.map_size``², boxed with the paper's rule (largest ``box.connectivity``-connected
+   component above ``box.threshold · max``) or the released code's rule (first box), scaled to
    original pixels, all by `fgloc.localize.boxes.boxes_in_image`:
    ``box_acc_iou50`` = fraction of test images with IoU ≥ 0.5 (paper: 41.0%).
    ``maxboxacc_v2`` (Choe et al. 2020) uses the ground-truth class's SVM-CAM;
@@ -17,8 +19,8 @@ Reproduces paper 003's CUB experiment with a pretrained network and no fine-tuni
 4. for a backbone with an ImageNet classifier, the same box metrics for the CAM of its top-1
    ImageNet class (``imagenet_cam_*``), i.e. CAM without the SVM.
 
-With ``tune_threshold`` the box threshold is chosen on the *train* split (SVM-CAM of the true
-class, box accuracy at IoU 0.5 over ``threshold_grid``, `fgloc.metrics.box_hits`) and then
+With ``box.tune`` the box threshold is chosen on the *train* split (SVM-CAM of the true
+class, box accuracy at IoU 0.5 over ``box.grid``, `fgloc.metrics.box_hits`) and then
 applied to the test split; the sweep and the test boxes come from the same function with the
 same rule and connectivity. Mapping resolution: with ``cam_layers =
 ("stage5", "pre_pool")`` the 14x14 head map of EfficientNet-Lite0 at 448 is bilinearly
@@ -28,16 +30,16 @@ higher mapping resolution (Sec. 3.1) without training new layers.
 
 Command::
 
-    python -m experiments.cam_cub --data_dir ../shared/data --workdir /tmp/cam_cub
+    python -m experiments.cam_cub --workdir /tmp/cam_cub    # preset default; --data_dir ../shared/data
+    python -m experiments.cam_cub --config experiments/configs/cam_cub.py:vgg16 --workdir /tmp/v
 
 Measured (2026-11-23, 2-core CPU, 750 train / 652 test, default config, 1108 s; README "Paper 3"):
 SVM-CAM box acc. @IoU0.5 52.8 % (threshold 0.10 chosen on train; 37.7 % at the paper's 0.2),
 MaxBoxAccV2 47.0 %; ImageNet-classifier CAM, probability-weighted top-5 classes, 59.4 %
 (threshold 0.2 from train; top-1 class only 54.1 %); combined CAM (that map + 1.0 · SVM-CAM,
 both max-normalised, weight and threshold 0.15 chosen on train) 60.7 %; classification full / CAM crop / GT box
-83.0 / 85.1 / 86.2 %. At ``--config.input_size=576``: SVM-CAM 55.1 %, top-5 ImageNet CAM
-38.7 %. VGG16 conv5_3 (lpips weights), ``--preset vgg16 --config.max_train=150
---config.max_test=150``: SVM-CAM 46.0 %, SVM accuracy 63.3 %.
+83.0 / 85.1 / 86.2 %. Preset ``lite0_576``: SVM-CAM 55.1 %, top-5 ImageNet CAM 38.7 %. Preset
+``vgg16`` (VGG16 conv5_3, lpips weights, 150 / 150 images): SVM-CAM 46.0 %, SVM accuracy 63.3 %.
 
 Paper (GoogLeNet-GAP, fine-tuned, full CUB): 41.0 % box acc.; 63.0 / 67.8 / 70.5 % accuracy on
 full image / CAM crop / GT box.
@@ -52,7 +54,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from experiments import common
@@ -61,64 +62,10 @@ __all__ = [
     "box_accuracy",
     "combine_cams",
     "extract",
-    "get_config",
     "make_forward",
     "run",
     "topk_imagenet_cam",
 ]
-
-
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Presets: ``default`` (EfficientNet-Lite0, 448), ``paper`` (pre_pool only, 20%, no
-    tuning), ``vgg16`` (VGG16 conv5_3 lpips weights at 224, the paper's own network without
-    fine-tuning), ``smoke`` (a few images at 96 px, seconds)."""
-    c = ml_collections.ConfigDict()
-    c.backbone = "efficientnet_lite0"
-    c.input_size = 448
-    c.cam_layers = ("stage5", "pre_pool")
-    c.box_map_size = 224  # maps are upsampled to this square before boxing (then scaled)
-    c.box_rule = "largest"  # the paper's (largest CC above t·max) or "released" (20/100/110 of 255)
-    c.box_connectivity = 4  # of the paper rule, in the threshold sweep and the final boxes
-    c.released_thresholds = (20, 100, 110)
-    c.threshold = 0.2  # the paper's 20% of the map maximum
-    c.tune_threshold = True  # choose the threshold on the train split
-    c.threshold_grid = tuple(round(0.05 * i, 2) for i in range(1, 11))
-    c.svm_c = 0.01
-    # ImageNet-classifier CAM: probability-weighted sum of the CAMs of the top-k ImageNet classes,
-    # Σ_c p_c M_c (k = 1: the top-1 class's CAM). Needs "pre_pool" in cam_layers.
-    c.imagenet_cam_topk = 5
-    # Combined CAM: max-normalised, non-negative top-k ImageNet CAM + a · SVM-CAM (predicted
-    # class) on the SVM-CAM grid; ``a`` and the threshold are chosen together on the train split.
-    c.combined_weights = (0.25, 0.5, 1.0)
-    c.crop_size = 224  # input size of the CAM-crop / GT-box classification features
-    c.crop_classification = True
-    c.max_classes = 0  # 0: all classes; else only the first max_classes class ids
-    c.max_train = 0  # 0: all images of the split (random subset otherwise)
-    c.max_test = 0
-    c.batch_size = 16
-    c.num_figure = 8
-    c.seed = 0
-    if preset == "paper":
-        c.cam_layers = ("pre_pool",)
-        c.tune_threshold = False
-    elif preset == "vgg16":
-        c.backbone = "vgg16_lpips"
-        c.input_size = 224
-        c.cam_layers = ("conv5_3",)
-        c.crop_classification = False
-    elif preset == "smoke":
-        c.input_size = 96
-        c.crop_size = 96
-        c.box_map_size = 48
-        c.max_classes = 3
-        c.max_train = 24
-        c.max_test = 9
-        c.batch_size = 12
-        c.num_figure = 2
-        c.threshold_grid = (0.1, 0.2, 0.3)
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; use default, paper, vgg16 or smoke")
-    return c
 
 
 # ----------------------------------------------------------------------------- features
@@ -321,12 +268,12 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
     ann = read_cub(root)
-    if config.max_classes:
-        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.max_classes].max() + 1)
+    if config.data.max_classes:
+        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.data.max_classes].max() + 1)
     train = ann.split("train")
     test = ann.split("test")
-    train = train.subset(_subset(len(train), config.max_train, config.seed))
-    test = test.subset(_subset(len(test), config.max_test, config.seed))
+    train = train.subset(_subset(len(train), config.data.max_train, config.seed))
+    test = test.subset(_subset(len(test), config.data.max_test, config.seed))
     p = pretrained(config.backbone)
     layers = tuple(config.cam_layers)
     forward = make_forward(p, layers)
@@ -379,23 +326,23 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     to_col = np.vectorize(lambda c: col[c])
 
     # 2. SVM-CAM boxes; threshold from the train split (true class) or the paper's 20%.
-    conn = int(config.box_connectivity)
-    tuned = config.tune_threshold and config.box_rule == "largest"
+    conn = int(config.box.connectivity)
+    tuned = config.box.tune and config.box.rule == "largest"
 
     def tune(maps: np.ndarray) -> tuple[float, dict[float, float]]:
         return tune_threshold(
-            maps, tr["sizes"], train.boxes, config.threshold_grid, config.box_map_size, conn
+            maps, tr["sizes"], train.boxes, config.box.grid, config.box.map_size, conn
         )
 
     def boxes(maps: np.ndarray, sizes: np.ndarray, t: float, rule: str = "") -> np.ndarray:
         """The one box rule of this run (`boxes_in_image`), as in `tune`."""
         return boxes_in_image(
-            maps, sizes, t, rule=rule or config.box_rule, map_size=config.box_map_size,
-            connectivity=conn if (rule or config.box_rule) == "largest" else None,
-            released_thresholds=tuple(config.released_thresholds),
+            maps, sizes, t, rule=rule or config.box.rule, map_size=config.box.map_size,
+            connectivity=conn if (rule or config.box.rule) == "largest" else None,
+            released_thresholds=tuple(config.box.released_thresholds),
         )  # fmt: skip
 
-    threshold, sweep = float(config.threshold), {}
+    threshold, sweep = float(config.box.threshold), {}
     if tuned:
         threshold, sweep = tune(svm_cams(tr, layers, weights, to_col(train.labels)))
     cams_pred = svm_cams(te, layers, weights, to_col(pred_te))
@@ -414,7 +361,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         "box_acc_iou50": box_accuracy(boxes_pred, gt_boxes),
         "box_acc_iou50_gt_known": box_accuracy(boxes_gt_cls, gt_boxes),
         "box_acc_iou50_threshold20": box_accuracy(boxes_paper, gt_boxes),
-        "maxboxacc_v2": _maxboxacc(cams_gt, te["sizes"], gt_boxes, config.box_map_size),
+        "maxboxacc_v2": _maxboxacc(cams_gt, te["sizes"], gt_boxes, config.box.map_size),
     }
     metrics.update({f"train_box_acc_t{t:.2f}": a for t, a in sweep.items()})
 
@@ -425,11 +372,11 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         boxes_in = boxes(te["imagenet_cam"], te["sizes"], 0.2)
         metrics["imagenet_cam_top1_box_acc_iou50_threshold20"] = box_accuracy(boxes_in, gt_boxes)
         metrics["imagenet_cam_top1_maxboxacc_v2"] = _maxboxacc(
-            te["imagenet_cam"], te["sizes"], gt_boxes, config.box_map_size
+            te["imagenet_cam"], te["sizes"], gt_boxes, config.box.map_size
         )
         if "pre_pool" in layers:
             kernel = np.asarray(p.variables["params"]["classifier"]["kernel"], np.float32)
-            k = int(config.imagenet_cam_topk)
+            k = int(config.imagenet_cam.topk)
             cam_tr, cam_te = (topk_imagenet_cam(d, kernel, k) for d in (tr, te))
             t_in = 0.2
             if tuned:
@@ -442,12 +389,12 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             metrics["imagenet_cam_threshold"] = t_in
             metrics["imagenet_cam_box_acc_iou50"] = box_accuracy(boxes_k, gt_boxes)
             metrics["imagenet_cam_maxboxacc_v2"] = _maxboxacc(
-                cam_te, te["sizes"], gt_boxes, config.box_map_size
+                cam_te, te["sizes"], gt_boxes, config.box.map_size
             )
-            if config.combined_weights and tuned:
+            if config.imagenet_cam.combined_weights and tuned:
                 svm_tr = svm_cams(tr, layers, weights, to_col(train.labels))
                 best = (-1.0, 0.0, 0.0)
-                for a in config.combined_weights:
+                for a in config.imagenet_cam.combined_weights:
                     t_c, sw = tune(combine_cams(cam_tr, svm_tr, float(a)))
                     best = max(best, (sw[t_c], float(a), t_c))
                 _, a_best, t_best = best
@@ -459,7 +406,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
                 metrics["combined_cam_box_acc_iou50"] = box_accuracy(boxes_c, gt_boxes)
 
     # 3. classification on CAM crops and on ground-truth boxes.
-    if config.crop_classification:
+    if config.crops.enabled:
         crop_fwd = forward  # same jitted function: no recompilation when crop_size == input_size
         cams_tr_pred = svm_cams(tr, layers, weights, to_col(clf.predict(tr["pooled"])))
         boxes_tr = boxes(cams_tr_pred, tr["sizes"], threshold)
@@ -497,7 +444,7 @@ def _maxboxacc(maps: np.ndarray, sizes: np.ndarray, gt: np.ndarray, map_size: in
 
 
 def _crop_accuracy(
-    config: Any,  # a get_config() ConfigDict (dynamic attribute types)
+    config: Any,  # a configs/cam_cub.py ConfigDict (dynamic attribute types)
     forward: Callable[[np.ndarray], Mapping[str, jax.Array]],
     workdir: pathlib.Path,
     name: str,
@@ -507,7 +454,7 @@ def _crop_accuracy(
     boxes_te: np.ndarray,
 ) -> float:
     """Accuracy of an SVM trained and tested on GAP features of box crops (``crop_size``²)."""
-    size, bs = config.crop_size, config.batch_size
+    size, bs = config.crops.size, config.batch_size
     out = []
     for split, boxes, tag in ((train, boxes_tr, "train"), (test, boxes_te, "test")):
         key = {
@@ -527,4 +474,4 @@ def _crop_accuracy(
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

@@ -190,9 +190,7 @@ def write_metrics(workdir: str | pathlib.Path, metrics: Mapping[str, Any]) -> pa
     return path
 
 
-def main(
-    run: Run, argv: Sequence[str] | None = None, *legacy: Any, **legacy_kw: Any
-) -> dict[str, Any]:
+def main(run: Run, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry of an experiment: parse, make workdir, save config, run, time, write.
 
     ``run(config, data_dir, workdir)`` returns flat scalar metrics; ``seconds`` (wall clock of
@@ -200,13 +198,7 @@ def main(
     ``argv`` excludes the program name (default ``sys.argv[1:]``); see `parse_args`. Returns
     the metrics as written.
     """
-    if callable(argv):  # transition: main(get_config, run, argv) until every experiment moves
-        from experiments import _legacy_cli
-
-        config, data_dir, workdir = _legacy_cli.parse_args(legacy[0] if legacy else None, run)
-        run = argv
-    else:
-        config, data_dir, workdir = parse_args(run, argv)
+    config, data_dir, workdir = parse_args(run, argv)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import cam_class_units, cam_cub, cam_imagenet, common
+from experiments import cam_class_units, cam_cub, cam_imagenet, choose_cli_defaults, common, configs
 
 # ----------------------------------------------------------------------------- common
 
@@ -237,12 +237,34 @@ def test_class_unit_ranking_and_segment():
 
 
 def test_configs_and_presets():
-    for mod in (cam_cub, cam_imagenet, cam_class_units):
-        assert isinstance(mod.get_config(), ml_collections.ConfigDict)
-        assert mod.get_config("smoke").input_size < mod.get_config().input_size
-        with pytest.raises(ValueError, match="unknown preset"):
-            mod.get_config("nope")
-    assert cam_cub.get_config("vgg16").cam_layers == ("conv5_3",)
+    for name in ("cam_cub", "cam_imagenet", "cam_class_units", "choose_cli_defaults"):
+        default = configs.get(name)
+        assert isinstance(default, ml_collections.ConfigDict)
+        assert configs.get(name, "default") == default
+        with pytest.raises(ValueError, match="unknown preset 'nope'"):
+            configs.get(name, "nope")
+    for name in ("cam_cub", "cam_imagenet", "cam_class_units"):
+        assert configs.get(name, "smoke").input_size < configs.get(name).input_size
+    vgg = configs.get("cam_cub", "vgg16")  # a README row: the whole row, no overrides
+    assert vgg.cam_layers == ("conv5_3",) and vgg.backbone == "vgg16_lpips"
+    assert (vgg.data.max_train, vgg.data.max_test, vgg.crops.enabled) == (150, 150, False)
+    big = configs.get("cam_cub", "lite0_576")
+    assert (big.input_size, big.crops.enabled) == (576, False)
+    assert configs.get("cam_cub", "released").box.rule == "released"
+    assert configs.get("cam_imagenet", "native").input_size == 224
+
+
+def test_readme_commands_fit_on_one_line():
+    """Every preset's command line is under 160 characters (issue 14)."""
+    names = ("cam_cub", "cam_imagenet", "cam_class_units", "choose_cli_defaults")
+    for name in (*names, "sensitivity_corloc"):
+        module = __import__(f"experiments.configs.{name}", fromlist=["PRESETS"])
+        for preset in module.PRESETS:
+            cmd = (
+                f"python -m experiments.{name} --config experiments/configs/{name}.py:{preset}"
+                " --workdir runs/" + name
+            )
+            assert len(cmd) < 160, cmd
 
 
 def test_svm_raw_weights_rejects_nothing_and_cams_check_channels():
@@ -254,9 +276,11 @@ def test_svm_raw_weights_rejects_nothing_and_cams_check_channels():
 # ----------------------------------------------------------------------------- smoke runs
 
 
-def _run(mod, shared_data, tmp_path):
-    argv = ["--data_dir", str(shared_data), "--workdir", str(tmp_path), "--preset", "smoke"]
-    common.main(mod.get_config, mod.run, argv)
+def _run(mod, shared_data, tmp_path, preset="smoke"):
+    name = mod.__name__.rsplit(".", 1)[-1]
+    config = f"{common.CONFIG_DIR / name}.py:{preset}"
+    argv = ["--config", config, "--data_dir", str(shared_data), "--workdir", str(tmp_path)]
+    common.main(mod.run, argv)
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
@@ -351,3 +375,13 @@ def test_combine_cams_normalises_clips_and_resizes():
     assert out.min() >= 0.0
     np.testing.assert_allclose(out[0, 3, 3], 2.0, atol=1e-6)  # b's max -> weight; a is 0 there
     np.testing.assert_allclose(out[0, 0, 0], 1.0, atol=1e-6)  # a's max (corner) -> 1
+
+
+@pytest.mark.real_data
+def test_choose_cli_defaults_smoke(shared_data, tmp_path):
+    m = _run(choose_cli_defaults, shared_data, tmp_path)
+    assert m["n_images"] == 4 and m["method"] == "cam"
+    for key in ("top1_cls_acc", "top1_loc_acc", "top5_loc_acc"):
+        assert 0.0 <= m[f"cam_s64_t0.35.{key}"] <= 1.0
+    assert m["cam_s64_t0.35.top1_loc_acc"] <= m["cam_s64_t0.35.top1_cls_acc"]
+    assert m["cam_s64_t0.35.top5_loc_acc"] >= m["cam_s64_t0.35.top1_loc_acc"]
