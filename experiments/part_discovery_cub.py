@@ -116,6 +116,7 @@ class _Images:
 
 _NETS: dict[tuple[str, str], Any] = {}
 _EXTRACTORS: dict[tuple[str, int, bytes | None], P.CentreExtractor] = {}
+_POOLED: dict[str, Any] = {}
 
 
 def _net(backbone: str, weights: str = "") -> Any:
@@ -227,14 +228,18 @@ def _patch_regions(centres: np.ndarray, ref: np.ndarray, lam: float, hw: np.ndar
 
 def _features(cc, images: _Images, index, regions, valid, size, tag, workdir) -> np.ndarray:
     """Pooled features ``(N, R, C)`` of ``regions (N, R, 4)``; rows with ``valid`` False are 0."""
-    net = _net(cc.backbone)
     key = {"index": index.tolist(), "regions": np.round(regions, 2).tolist(), "size": size,
            "net": cc.backbone}  # fmt: skip
+    if cc.backbone not in _POOLED:
+        net = _net(cc.backbone)
 
-    @jax.jit
-    def feat(raw):
-        fmap, _ = net.model.apply(net.variables, net.preprocess(raw), method=net.model.features)
-        return jnp.mean(fmap, axis=(1, 2))  # global average of the pre-pool map
+        def pooled(raw: jax.Array) -> jax.Array:  # global average of the pre-pool map
+            x = net.preprocess(raw)
+            fmap, _ = net.model.apply(net.variables, x, method=net.model.features)
+            return jnp.mean(fmap, axis=(1, 2))
+
+        _POOLED[cc.backbone] = jax.jit(pooled)  # one function: compiled once per batch shape
+    feat = _POOLED[cc.backbone]
 
     def compute() -> dict[str, np.ndarray]:
         n, r = regions.shape[:2]
@@ -314,7 +319,9 @@ def _classify(config, ann, images, det: P.PartDetector, cand, centre: str, boxes
 
 
 # ----------------------------------------------------------------------------------- figure
-def _figure(config, ann, images, idx, cand, det_chans, workdir) -> None:
+def _figure(ann, images, idx, cand, det: P.PartDetector, pred: np.ndarray, workdir) -> None:
+    """Paper-style Fig. 2: ``pred (n, P, 2)`` (the detector's full-image parts of test images
+    ``idx``) on each photo, and the summed |gradient| map of the channels shown beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,26 +333,26 @@ def _figure(config, ann, images, idx, cand, det_chans, workdir) -> None:
     size = cand.input_size
     names = list(ann.part_names)
     show = [("crown", "white"), ("belly", "lime"), ("tail", "red")]
-    chans = np.unique(det_chans[[names.index(n) for n, _ in show]])
+    first = det.readout("full").channels[:, 0]
+    chans = np.unique(first[[names.index(n) for n, _ in show]])
 
-    def ff(x):
-        return layer_output(net.model, net.variables, x, cand.layer)
+    @jax.jit
+    def summed_map(raw: jax.Array) -> jax.Array:
+        ff = lambda x: layer_output(net.model, net.variables, x, cand.layer)  # noqa: E731
+        maps = channel_gradient_maps(ff, net.preprocess(raw), channels=jnp.asarray(chans))
+        return jnp.sum(maps[0], axis=0)
 
     fig, axes = plt.subplots(len(idx), 2, figsize=(8, 4 * len(idx)), squeeze=False)
     for row, img in enumerate(images(idx)):
-        px, used = crop_resize(img, None, size)
-        maps = channel_gradient_maps(ff, net.preprocess(px[None]), channels=jnp.asarray(chans))
-        summed = np.asarray(jnp.sum(maps[0], axis=0))
-        c = P.gmm_centres(maps, n_iter=config.gmm_iters, pool=config.gmm_pool)
-        xy = P.to_image_coords(np.asarray(c), used[None], size)[0]
+        px, _ = crop_resize(img, None, size)
         ax = axes[row, 0]
         ax.imshow(img)
         for name, colour in show:
-            k = int(np.searchsorted(chans, det_chans[names.index(name)]))
-            ax.plot(*xy[k], "o", ms=12, mfc=colour, mec="black", label=name)
+            xy = pred[row, names.index(name)]
+            ax.plot(*xy, "o", ms=12, mfc=colour, mec="black", label=name)
         ax.legend(loc="lower right", fontsize=8)
         ax.set_axis_off()
-        axes[row, 1].imshow(summed, cmap="gray")
+        axes[row, 1].imshow(np.asarray(summed_map(jnp.asarray(px[None]))), cmap="gray")
         axes[row, 1].set_title(
             f"summed |grad| of {describe(cand)}\nchannels {chans.tolist()}", fontsize=8
         )
@@ -554,10 +561,14 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         metrics.update(_classify(config, ann, images, dets[cd], cands[name], cname, boxes, full,
                                  parts, visible, hw, rng, workdir))  # fmt: skip
 
-    # 5. Figure.
-    if config.num_figure > 0:
-        _figure(config, ann, images, test_all[: config.num_figure], cands[paper],
-                dets["paper_gmm"].box.channels[:, 0], workdir)  # fmt: skip
+    # 5. Figure: the paper_gmm detector's full-image parts on the first test images.
+    fig_ix = test_ix[paper][: config.num_figure]
+    if len(fig_ix):
+        ci = CENTRE_NAMES.index("gmm")
+        pred = dets["paper_gmm"].predict_from_centres(
+            test_c[(paper, "full")][: len(fig_ix), :, ci], full[fig_ix], "full"
+        )
+        _figure(ann, images, fig_ix, cands[paper], dets["paper_gmm"], pred, workdir)
     (workdir / "selection.json").write_text(
         json.dumps({k: v.box.channels.tolist() for k, v in dets.items()}, indent=1) + "\n"
     )

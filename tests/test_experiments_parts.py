@@ -134,7 +134,7 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     # The saved default detector reproduces the run's test predictions from the cached centres.
     det = P.PartDetector.load(tmp_path / "detector")
     assert (det.backbone, det.layer, det.input_size, det.map_type, det.centre) == (
-        "efficientnet_lite0", "stage6", 64, "activation", saved["default.centre"],
+        "efficientnet_lite0", "stage6", 128, "activation", saved["default.centre"],
     )  # fmt: skip
     assert det.box.kind == "ridge" and det.full is not None
 

@@ -47,6 +47,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -278,13 +279,14 @@ def channel_costs(
     reduce: str = "mean",
     squared: bool = True,
     normalize: bool = True,
-) -> jax.Array:
-    """Cost of channel ``k`` as detector of part ``p``: ``(K, P)`` (paper 1, Eq. 3).
+) -> np.ndarray:
+    """Cost of channel ``k`` as detector of part ``p``: ``(K, P)`` float32 (paper 1, Eq. 3).
 
     ``cost[k, p] = reduce_i d(μ_k^i, z_p^i)`` over images ``i`` with part ``p`` visible, where
     ``d`` is the Euclidean distance (``squared``: its square; ``normalize``: divided by the
     diagonal of image ``i``'s box first) and ``reduce`` is ``"mean"`` (Eq. 3 with flat priors)
     or ``"median"`` (released code). A part never visible gets cost ``+inf`` for every channel.
+    Host-side numpy (a small reduction, called for many fold sizes: no compilation per shape).
 
     Args:
       centres: ``(N, K, 2)`` activation centres in image pixels.
@@ -292,9 +294,9 @@ def channel_costs(
       visible: ``(N, P)`` bool.
       boxes: ``(N, 4)`` ``[x0, y0, x1, y1]``; required when ``normalize``.
     """
-    centres = jnp.asarray(centres, jnp.float32)
-    parts = jnp.asarray(parts, jnp.float32)
-    visible = jnp.asarray(visible, bool)
+    centres = np.asarray(centres, np.float32)
+    parts = np.asarray(parts, np.float32)
+    visible = np.asarray(visible, bool)
     if centres.ndim != 3 or centres.shape[-1] != 2:
         raise ValueError(f"channel_costs: centres must be (N, K, 2), got {centres.shape}")
     n = centres.shape[0]
@@ -304,20 +306,27 @@ def channel_costs(
         raise ValueError(f"channel_costs: visible must be {parts.shape[:2]}, got {visible.shape}")
     if reduce not in ("mean", "median"):
         raise ValueError(f"channel_costs: reduce must be 'mean' or 'median', got {reduce!r}")
-    d = jnp.linalg.norm(centres[:, :, None, :] - parts[:, None, :, :], axis=-1)  # (N, K, P)
+    d = np.linalg.norm(centres[:, :, None, :] - parts[:, None, :, :], axis=-1)  # (N, K, P)
     if normalize:
         if boxes is None:
             raise ValueError("channel_costs: normalize=True needs boxes (N, 4)")
-        boxes = jnp.asarray(boxes, jnp.float32)
+        boxes = np.asarray(boxes, np.float32)
         if boxes.shape != (n, 4):
             raise ValueError(f"channel_costs: boxes must be (N={n}, 4), got {boxes.shape}")
-        diag = jnp.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        d = d / jnp.maximum(diag, 1e-6)[:, None, None]
+        diag = np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        d = d / np.maximum(diag, 1e-6)[:, None, None]
     if squared:
         d = d * d
-    d = jnp.where(visible[:, None, :], d, jnp.nan)
-    agg = jnp.nanmean(d, axis=0) if reduce == "mean" else jnp.nanmedian(d, axis=0)
-    return jnp.where(jnp.isnan(agg), jnp.inf, agg)
+    ok = visible[:, None, :] & np.isfinite(d)  # (N, K, P); a NaN centre counts as missing
+    if reduce == "mean":
+        count = ok.sum(axis=0)
+        total = np.where(ok, d, 0.0).sum(axis=0)
+        agg = np.where(count > 0, total / np.maximum(count, 1), np.inf)
+    else:
+        with warnings.catch_warnings():  # all-NaN columns (part never visible) become inf below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            agg = np.nanmedian(np.where(ok, d, np.nan), axis=0)
+    return np.where(np.isnan(agg), np.inf, agg).astype(np.float32)
 
 
 def best_channels(costs: jax.Array | np.ndarray, m: int = 1) -> np.ndarray:
@@ -483,11 +492,15 @@ class CentreExtractor:
             lambda x: feature_fn(preprocess(x)),
             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
         ).shape[-1]
+        self._k: int | None = None
 
     @property
     def n_channels(self) -> int:
-        """Channels of ``layer`` (all of them, whatever ``channels`` selects); shape-only, no compute."""
-        return int(self._n_channels())
+        """Channels of ``layer`` (all of them, whatever ``channels`` selects); shape-only, no
+        compute (one trace, remembered)."""
+        if self._k is None:
+            self._k = int(self._n_channels())
+        return self._k
 
     def __call__(self, raw: jax.Array | np.ndarray) -> jax.Array:
         raw = jnp.asarray(raw, jnp.float32)
