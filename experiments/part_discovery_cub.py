@@ -40,8 +40,8 @@ BVLC CaffeNet's deploy prototxt and caffemodel converts it once and runs the Caf
     python -m weights_conversion.caffe deploy.prototxt bvlc_reference_caffenet.caffemodel \\
         W/caffenet.npz
     python -m experiments.part_discovery_cub --workdir W \\
-        --config experiments/configs/part_discovery_cub.py:paper_caffenet_gradient \\
-        --config.candidates.caffenet.weights=W/caffenet.npz
+        --config experiments/configs/part_discovery_cub.py:paper_caffenet \\
+        --config.caffe_weights=W/caffenet.npz
 
 (tested on a small synthetic Caffe net in ``tests/test_convert_caffe.py``, not on CaffeNet.)
 
@@ -387,10 +387,12 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         raise ValueError(f"paper_candidate {config.paper_candidate!r} not in {sorted(cands)}")
     for name, cand in cands.items():
         if cand.backbone == "caffe" and not cand.weights:
-            raise ValueError(
-                f"candidate {name!r}: a Caffe backbone needs "
-                f"--config.candidates.{name}.weights=PATH.npz (a converted net)"
-            )
+            if not config.caffe_weights:
+                raise ValueError(
+                    f"candidate {name!r}: a Caffe backbone needs --config.caffe_weights=PATH.npz "
+                    f"(or --config.candidates.{name}.weights=PATH.npz), a converted net"
+                )
+            cand.weights = config.caffe_weights
         metrics[f"candidates.{name}"] = describe(cand)
 
     # 1-2. Training centres for all channels; cross-validated read-outs on the training split.

@@ -729,10 +729,10 @@ def test_part_discovery_runs_on_a_converted_caffe_net(cub_dir, tmp_path):
     layers = tiny_layers()
     proto, caffemodel = write_files(tmp_path, layers, TINY_INPUT, random_blobs(layers, seed=3))
     npz = C.main_convert(proto, caffemodel, tmp_path / "tiny.npz")
-    config = str(common.CONFIG_DIR / "part_discovery_cub.py") + ":paper_caffenet_gradient"
+    config = str(common.CONFIG_DIR / "part_discovery_cub.py") + ":paper_caffenet"
     argv = ["--config", config, "--workdir", str(tmp_path / "w"), "--data_dir", str(cub_dir.parent)]
     cand = "--config.candidates.caffenet"
-    argv += [f"{cand}.weights={npz}", f"{cand}.layer=conv2", f"{cand}.input_size=32"]
+    argv += [f"--config.caffe_weights={npz}", f"{cand}.layer=conv2", f"{cand}.input_size=32"]
     argv += [
         f"{cand}.n_train=4",
         f"{cand}.n_test=2",

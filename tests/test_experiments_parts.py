@@ -27,6 +27,11 @@ def test_presets_are_structured_and_complete():
     assert (cand.n_train, cand.n_test, cand.top_m, cand.ridge) == (400, 0, (1,), False)
     assert paper.selections == ("paper",) and not paper.classification.enabled
     assert paper.only_evals == ("paper_gmm", "paper_maxg")
+    for preset, n in (("paper_alexnet_gradient_160", 160), ("paper_alexnet_gradient_40", 40)):
+        fewer = C.get_config(preset)
+        assert fewer.candidates.alexnet_grad.n_train == n
+        fewer.candidates.alexnet_grad.n_train = 400
+        assert fewer.to_dict() == paper.to_dict(), preset  # nothing else differs
     ff = C.get_config("paper_alexnet_gradient_fullframe")
     assert ff.full_frame_fit and ff.candidates.alexnet_grad.n_train == 160
     types = C.get_config("lite0_map_types")
@@ -35,7 +40,7 @@ def test_presets_are_structured_and_complete():
     ]  # fmt: skip
     assert [c.cv_only for c in types.candidates.values()] == [False, True, True]
     assert all(c.n_train == 60 for c in types.candidates.values())
-    caffe = C.get_config("paper_caffenet_gradient").candidates.caffenet
+    caffe = C.get_config("paper_caffenet").candidates.caffenet
     assert (caffe.backbone, caffe.weights) == ("caffe", "")  # the user names the file
     caffe.weights = "W/c.npz"
     assert E.describe(caffe) == "caffe=W/c.npz:pool5:227:gradient"
@@ -53,8 +58,8 @@ def test_command_line_overrides_a_candidate_field(tmp_path):
 
 
 def test_caffe_candidate_without_weights_names_the_field(cub_dir, tmp_path):
-    c = C.get_config("paper_caffenet_gradient")
-    with pytest.raises(ValueError, match=r"candidates\.caffenet\.weights=PATH"):
+    c = C.get_config("paper_caffenet")
+    with pytest.raises(ValueError, match=r"--config\.caffe_weights=PATH\.npz"):
         E.run(c, cub_dir.parent, tmp_path)
 
 

@@ -6,11 +6,11 @@ experiments/configs/part_discovery_cub.py:<preset> --workdir W``; override any f
 
 Presets: ``default`` (the README headline: Lite0 stage-6 activation centres, ridge read-out, and
 Table 2), ``smoke`` (the tests), ``paper_alexnet_gradient`` (the paper's own method on AlexNet
-pool5 gradient maps, 400 training images), ``paper_alexnet_gradient_fullframe`` (the same on 160
-images with the no-box channels chosen on full training images), ``lite0_map_types`` (gradient
-vs rectified gradient vs activation maps on Lite0 stage 6, 60 training images) and
-``paper_caffenet_gradient`` (the paper's method on a user's converted Caffe net: set
-``--config.candidates.caffenet.weights=PATH.npz``).
+pool5 gradient maps, 400 training images; ``_160`` / ``_40``: fitted on fewer),
+``paper_alexnet_gradient_fullframe`` (160 images, the no-box channels chosen on full training
+images), ``lite0_map_types`` (gradient vs rectified gradient vs activation maps on Lite0 stage
+6, 60 training images) and ``paper_caffenet`` (the paper's method on a user's converted Caffe
+net: ``--config.caffe_weights=PATH.npz``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ PRESETS = (
     "default",
     "smoke",
     "paper_alexnet_gradient",
+    "paper_alexnet_gradient_160",
+    "paper_alexnet_gradient_40",
     "paper_alexnet_gradient_fullframe",
     "lite0_map_types",
-    "paper_caffenet_gradient",
+    "paper_caffenet",
 )
 
 
@@ -131,6 +133,8 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.classification = _classification()
     c.num_figure = 2
+    # The converted Caffe net (.npz) of every "caffe" candidate that names no weights itself.
+    c.caffe_weights = ""
 
     if name == "smoke":
         # Gradient candidates on 8 channels (cost grows with the channels); the activation
@@ -157,22 +161,19 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.full_frame_fit = True  # exercise the switch
         c.classification = _classification(global_size=67, patch_size=67, n_train=12, n_test=6)
         c.num_figure = 1
-    elif name in ("paper_alexnet_gradient", "paper_alexnet_gradient_fullframe"):
+    elif name.startswith("paper_alexnet_gradient"):
         # The paper's method: AlexNet pool5 gradient maps, one channel per part (Eq. 3).
         full = name.endswith("fullframe")
+        n_train = {"160": 160, "40": 40, "fullframe": 160}.get(name.rpartition("_")[2], 400)
         c.candidates = ml_collections.ConfigDict(
-            {
-                "alexnet_grad": candidate(
-                    "alexnet_lpips", "pool5", 227, "gradient", n_train=160 if full else 400
-                )
-            }
+            {"alexnet_grad": candidate("alexnet_lpips", "pool5", 227, "gradient", n_train=n_train)}
         )
         c.paper_candidate = "alexnet_grad"
         c.full_frame_fit = full
         c.selections = ("paper",)
         c.only_evals = ("paper_gmm", "paper_maxg")
         c.classification.enabled = False
-    elif name == "paper_caffenet_gradient":
+    elif name == "paper_caffenet":
         # BVLC CaffeNet converted once (python -m weights_conversion.caffe deploy.prototxt
         # bvlc_reference_caffenet.caffemodel W/caffenet.npz); any Caffe blob is a layer.
         c.candidates = ml_collections.ConfigDict(
