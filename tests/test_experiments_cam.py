@@ -287,11 +287,16 @@ def _run(mod, shared_data, tmp_path, preset="smoke"):
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_cam_cub_smoke(shared_data, tmp_path):
+    """The smoke preset (5 classes, 150 train / 132 test at 224) end to end, and the README's
+    relations on it: classification on CAM-box crops beats the full image (measured 89.4 vs
+    85.6 %, 5 of 132 images), and ground-truth-box crops beat it too (91.7 %)."""
     m = _run(cam_cub, shared_data, tmp_path)
     for key in ("box_acc_iou50", "maxboxacc_v2", "cls_acc_full", "cls_acc_cam_crop"):
         assert 0.0 <= m[key] <= 1.0
-    assert m["cls_acc_gt_box"] >= 0 and m["n_images"] == 9 and m["backbone"]
-    assert m["cls_acc_full"] > 1 / 3  # better than chance on 3 classes
+    assert m["n_images"] == 132 and m["n_train"] == 150 and m["backbone"]
+    assert m["cls_acc_cam_crop"] > m["cls_acc_full"], m  # the README's paper-3 target
+    assert m["cls_acc_gt_box"] > m["cls_acc_full"], m
+    assert 0.0 <= m["combined_cam_box_acc_iou50"] <= 1.0
     assert (tmp_path / "examples.png").stat().st_size > 0
     # A rerun reuses the cached features.
     assert sorted(p.name for p in tmp_path.glob("features_*.npz"))

@@ -19,7 +19,7 @@ def test_configs_and_checks():
     assert c.dataset == "cub" and c.target_class == "top1" and c.backbone == "efficientnet_lite0"
     assert configs.get("sensitivity_corloc", "imagenet").dataset == "imagenet"
     smoke = configs.get("sensitivity_corloc", "smoke")
-    assert smoke.max_images == 16 and smoke.input_size == 64 and smoke.dataset == "both"
+    assert smoke.max_images == 300 and smoke.input_size == 160 and smoke.dataset == "both"
     bad = configs.get("sensitivity_corloc")
     bad.target_class = "species"
     with pytest.raises(ValueError, match="target_class"):
@@ -153,19 +153,24 @@ def test_evaluate_on_synthetic_box_maps():
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_smoke_run_on_real_data(shared_data: pathlib.Path, tmp_path: pathlib.Path):
-    """The smoke preset end to end with the embedded Lite0: both datasets, metrics, figures."""
+    """The smoke preset end to end with the embedded Lite0 (both datasets, metrics, figures),
+    and the README's paper-4 relation on its CUB part: the learned linear map's box beats the
+    centre-box baseline (measured CorLoc 62.7 vs 52.7 %, mean IoU 0.543 vs 0.501)."""
     config = f"{common.CONFIG_DIR}/sensitivity_corloc.py:smoke"
     metrics = common.main(
         exp.run, ["--config", config, "--data_dir", str(shared_data), "--workdir", str(tmp_path)]
     )
     written = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("corloc", "corloc_threshold_box", "corloc_center_baseline", "n_images"):
-        assert 0 <= written[key] <= (1 if key != "n_images" else 16), key
+    for key in ("corloc", "corloc_threshold_box", "corloc_center_baseline"):
+        assert 0 <= written[key] <= 1, key
         for prefix in ("cub_", "imagenet_"):
             assert prefix + key in written
     assert written["backbone"] == "efficientnet_lite0" and written["seconds"] > 0
-    assert written["n_images"] == 8 and written["imagenet_n_images"] == 16
+    assert written["n_images"] == 150 and written["imagenet_n_images"] == 50
     assert written["dataset"] == "cub+imagenet" and metrics["corloc"] == written["corloc"]
+    # The relation the README claims (CUB): learned box above the centre box.
+    assert written["cub_corloc"] > written["cub_corloc_center_baseline"], written
+    assert written["cub_mean_iou"] > written["cub_mean_iou_center_baseline"], written
     assert (tmp_path / "examples_cub.png").stat().st_size > 1000
     assert (tmp_path / "examples_imagenet.png").stat().st_size > 1000
-    assert len(list((tmp_path / "cache").glob("cub_*.npz"))) == 2  # 16 images, chunks of 8
+    assert len(list((tmp_path / "cache").glob("cub_*.npz"))) == 10  # 300 images, chunks of 32

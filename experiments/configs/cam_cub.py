@@ -9,16 +9,16 @@
 * ``vgg16`` — VGG16 conv5_3 (lpips weights) at 224, 150 train / 150 test images;
 * ``released`` — the default with the CAM authors' released box rule instead of the paper's;
 * ``paper`` — the paper's settings on Lite0: ``pre_pool`` only, the fixed 20% threshold;
-* ``smoke`` — 3 classes at 96 px (seconds, the tests' plumbing check);
-* ``smoke_relations`` — the smallest run whose CAM crop beats full-image classification
-  (the README's claim), for the tests.
+* ``smoke`` — the tests' run: all 150 train / 132 test images of the first 5 classes at 224
+  (14×14 CAM), large enough for the README's CAM-crop-above-full relation to show (89.4 vs
+  85.6 %; with 4 classes it does not: 86.4 vs 87.3 %, so the margin is that of a small set).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("default", "lite0_576", "vgg16", "released", "paper", "smoke", "smoke_relations")
+PRESETS = ("default", "lite0_576", "vgg16", "released", "paper", "smoke")
 
 
 def get_config(name: str | None = None) -> ml_collections.ConfigDict:
@@ -72,22 +72,11 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.cam_layers = ("pre_pool",)
         c.box.tune = False
     elif name == "smoke":
-        c.input_size = 96
-        c.crops.size = 96
-        c.box.map_size = 48
+        c.input_size = 224
+        c.box.map_size = 112
         c.box.grid = (0.1, 0.2, 0.3)
-        c.data.max_classes = 3
-        c.data.max_train = 24
-        c.data.max_test = 9
-        c.batch_size = 12
-        c.num_figure = 2
-    elif name == "smoke_relations":
-        c.input_size = 96
-        c.crops.size = 96
-        c.box.map_size = 48
-        c.box.grid = (0.1, 0.2, 0.3)
-        c.imagenet_cam.combined_weights = ()
+        c.imagenet_cam.combined_weights = (1.0,)
         c.data.max_classes = 5
         c.batch_size = 30
-        c.num_figure = 0
+        c.num_figure = 2
     return c

@@ -8,7 +8,9 @@ README column:
 * ``default`` — CUB: fit on the train split, CorLoc on the test split (Lite0 at 224, top-1
   class, 8/16/32 pooling × 3 norms × λ by 5-fold CV);
 * ``imagenet`` — the same on the ILSVRC sample, 5-fold cross-validated evaluation;
-* ``smoke`` — 16 images of each dataset at 64 px (the tests' plumbing check).
+* ``smoke`` — the tests' run: 150 + 150 CUB images and the 50 ImageNet images at 160 px, the
+  smallest run found on which the learned box clearly beats the centre box (CorLoc 62.7 vs
+  52.7 %; with 100 + 100 images the margin is 5 images: 65 vs 60 %).
 """
 
 from __future__ import annotations
@@ -55,16 +57,15 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.dataset = "imagenet"
     elif name == "smoke":
         c.dataset = "both"
-        c.input_size = 64
-        c.cache_size = 32
-        c.max_images = 16
-        c.chunk_size = 8
+        c.input_size = 160
+        c.cache_size = 80
+        c.max_images = 300
         c.eval_folds = 2
         c.n_figure = 2
-        c.regression.pool_sizes = (8,)
-        c.regression.norms = ("sum",)
-        c.regression.alphas = (1e-2, 1.0)
-        c.regression.cv_folds = 2
-        c.threshold_box.thresholds = (0.2,)
-        c.threshold_box.map_size = 16
+        c.regression.pool_sizes = (8, 16)
+        c.regression.norms = ("max", "sum")
+        c.regression.alphas = (0.1, 1.0, 10.0, 100.0)
+        c.regression.cv_folds = 3
+        c.threshold_box.thresholds = (0.1, 0.2)
+        c.threshold_box.map_size = 28
     return c
