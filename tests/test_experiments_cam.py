@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -49,7 +50,8 @@ def test_parse_args_types_overrides_by_field(tmp_path, capsys):
     argv = ["--config", f"{cfg}:smoke", "--workdir", "w", "--data_dir", str(tmp_path)]
     argv += ["--config.lr=0.5", "--config.flag=true", "--config.layers=('a','b')"]
     argv += ["--config.sub.k=7", "--config.name=5"]
-    config, data_dir, workdir = common.parse_args(_run_fn, argv)
+    parsed, data_dir, workdir = common.parse_args(_run_fn, argv)
+    config: Any = parsed
     assert (config.size, config.lr, config.flag, config.sub.k) == (32, 0.5, True, 7)
     assert config.layers == ("a", "b") and config.name == "5"  # a str field stays a str
     assert data_dir == tmp_path and str(workdir) == "w"
@@ -73,7 +75,7 @@ def test_parse_args_types_overrides_by_field(tmp_path, capsys):
 
 
 def test_apply_overrides_uses_config_flags_typing():
-    c = ml_collections.ConfigDict({"a": 1, "t": (1, 2), "s": "x", "sub": {"b": 0.5}})
+    c: Any = ml_collections.ConfigDict({"a": 1, "t": (1, 2), "s": "x", "sub": {"b": 0.5}})
     assert common.apply_overrides(c, ["a=3", "t=(4,5,6)", "sub.b=2", "s=5"]) is c
     assert (c.a, c.t, c.s, c.sub.b) == (3, (4, 5, 6), "5", 2.0)
     with pytest.raises(AttributeError):

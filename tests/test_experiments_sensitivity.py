@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_configs_and_checks():
 
 
 def test_config_overrides_are_typed():
-    config = common.apply_overrides(
+    config: Any = common.apply_overrides(
         configs.get("sensitivity_corloc"), ["regression.pool_sizes=(4, 8)", "seed=3"]
     )
     assert config.regression.pool_sizes == (4, 8) and config.seed == 3

@@ -9,13 +9,13 @@ command line selects one as ``--config experiments/configs/<name>.py:<preset>``
 from __future__ import annotations
 
 import importlib
-
-import ml_collections
+from typing import Any
 
 __all__ = ["get"]
 
 
-def get(experiment: str, preset: str | None = None) -> ml_collections.ConfigDict:
-    """``experiments/configs/<experiment>.py``'s ``get_config(preset)``."""
+def get(experiment: str, preset: str | None = None) -> Any:
+    """``experiments/configs/<experiment>.py``'s ``get_config(preset)``: an
+    ``ml_collections.ConfigDict`` (typed ``Any``: its fields are dynamic attributes)."""
     module = importlib.import_module(f"experiments.configs.{experiment}")
     return module.get_config(preset)
