@@ -37,8 +37,10 @@ Measured (2026-11-23, 2-core CPU, 750 train / 652 test, default config, 1108 s; 
 SVM-CAM box acc. @IoU0.5 52.8 % (threshold 0.10 chosen on train; 37.7 % at the paper's 0.2),
 MaxBoxAccV2 47.0 %; ImageNet-classifier CAM, probability-weighted top-5 classes, 59.4 %
 (threshold 0.2 from train; top-1 class only 54.1 %); combined CAM (that map + 1.0 · SVM-CAM,
-both max-normalised, weight and threshold 0.15 chosen on train) 60.7 %; classification full / CAM crop / GT box
-83.0 / 85.1 / 86.2 %. Preset ``lite0_576``: SVM-CAM 55.1 %, top-5 ImageNet CAM 38.7 %. Preset
+both max-normalised, weight and threshold 0.15 chosen on train) 60.7 %; classification full /
+CAM crop / GT box 83.0 / 85.6 / 86.5 % (rerun 2026-12-01 with crops by
+`fgloc.data.pipeline.crop_resize`, boxes rounded outwards to whole pixels; 85.1 / 86.2 % before
+with continuous-box resizing; every box number unchanged; 3,367 s at load 15–20). Preset ``lite0_576``: SVM-CAM 55.1 %, top-5 ImageNet CAM 38.7 %. Preset
 ``vgg16`` (VGG16 conv5_3, lpips weights, 150 / 150 images): SVM-CAM 46.0 %, SVM accuracy 63.3 %.
 
 Paper (GoogLeNet-GAP, fine-tuned, full CUB): 41.0 % box acc.; 63.0 / 67.8 / 70.5 % accuracy on
