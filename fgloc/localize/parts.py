@@ -61,6 +61,7 @@ from fgloc.models.layers import layer_output
 
 __all__ = [
     "CENTRES",
+    "FRAMES",
     "MAP_TYPES",
     "READOUTS",
     "RIDGE_ALPHAS",
