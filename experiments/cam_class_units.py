@@ -10,9 +10,10 @@ Classes: ``config.classes`` (ImageNet ids) or, when empty, the ``num_classes`` I
 most often predicted top-1 on the images. Images: the CUB test split when ``DIR`` holds
 ``CUB_200_2011`` (bird units), else an ILSVRC-layout folder.
 
-Command (CPU; ~300 CUB images at 224)::
+Configurations: ``experiments/configs/cam_class_units.py``. Command (CPU; ~300 CUB images at
+224)::
 
-    nice -n 10 python -m experiments.cam_class_units --data_dir ../shared/data --workdir /tmp/cu
+    nice -n 10 python -m experiments.cam_class_units --workdir /tmp/cu
 
 Writes ``WORKDIR/class_units.png`` and ``metrics.json`` (``n_images``, ``backbone``,
 ``seconds``, ``class_<i>``, ``class_<i>_units``, ``class_<i>_top_unit_share``: the share of the
@@ -26,35 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from experiments import cam_cub, common
+from experiments import common
 
-__all__ = ["get_config", "rank_units", "run", "segment_box", "top_images"]
-
-
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.backbone = "efficientnet_lite0"
-    c.input_size = 224
-    c.classes = ()  # ImageNet class ids; empty: the most predicted ones
-    c.num_classes = 3
-    c.num_units = 3
-    c.num_images = 5
-    c.segment_threshold = 0.5
-    c.max_images = 300
-    c.batch_size = 20
-    if preset == "smoke":
-        c.input_size = 96
-        c.max_images = 8
-        c.batch_size = 8
-        c.num_classes = 1
-        c.num_units = 2
-        c.num_images = 2
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; use default or smoke")
-    return c
+__all__ = ["rank_units", "run", "segment_box", "top_images"]
 
 
 def rank_units(weights: np.ndarray, class_id: int, k: int) -> np.ndarray:
@@ -105,6 +82,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
+    from fgloc.data.pipeline import load_resized
     from fgloc.pretrained import pretrained
 
     p = pretrained(config.backbone)
@@ -121,7 +99,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     preds, maps = [], []
     for i in tqdm(range(0, len(paths), bs), desc="activations"):
-        imgs, _ = cam_cub.load_resized(paths[i : i + bs], size)
+        imgs, _ = load_resized(paths[i : i + bs], size)
         n = len(imgs)
         if n < bs:
             imgs = np.concatenate([imgs, np.zeros((bs - n, *imgs.shape[1:]), np.uint8)])
@@ -151,7 +129,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         for ui, u in enumerate(units):
             for j, img_i in enumerate(top_images(max_act, int(u), cols)):
                 ax = axes[ci * config.num_units + ui, j]
-                img, _ = cam_cub.load_resized([paths[img_i]], size)
+                img, _ = load_resized([paths[img_i]], size)
                 mask, box = segment_box(fmap[img_i, :, :, u], size, config.segment_threshold)
                 shown = np.where(mask[..., None], img[0], (img[0] * 0.25).astype(np.uint8))
                 ax.imshow(shown[box[1] : box[3], box[0] : box[2]])
@@ -167,4 +145,4 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

@@ -2,14 +2,16 @@
 
 Reproduces paper 003's CUB experiment with a pretrained network and no fine-tuning:
 
+Configurations: ``experiments/configs/cam_cub.py`` (one preset per README row).
+
 1. every image is resized (squashed) to ``input_size``²; features of the CAM layers are
    average-pooled (GAP) and a linear SVM (scikit-learn ``LinearSVC``, one-vs-rest, on
    standardised features) is trained on the train split: ``cls_acc_full`` (paper: 63.0%);
 2. SVM-CAM: ``M_c(x, y) = Σ_k w_k^c f_k(x, y)`` with the SVM weights mapped back to raw feature
    units (``w / scale``; no bias), for the SVM's predicted class; upsampled to
-   ``box_map_size``², boxed with the paper's rule (largest 4-connected component above
-   ``threshold · max``, `fgloc.localize.boxes.boxes_from_maps`) or the released code's rule
-   (`cam_boxes_released`, first box), and scaled to original pixels:
+   ``box.map_size``², boxed with the paper's rule (largest ``box.connectivity``-connected
+   component above ``box.threshold · max``) or the released code's rule (first box), scaled to
+   original pixels, all by `fgloc.localize.boxes.boxes_in_image`:
    ``box_acc_iou50`` = fraction of test images with IoU ≥ 0.5 (paper: 41.0%).
    ``maxboxacc_v2`` (Choe et al. 2020) uses the ground-truth class's SVM-CAM;
 3. ``cls_acc_cam_crop``: a new SVM on features of the CAM-box crops of train and test images
@@ -17,10 +19,10 @@ Reproduces paper 003's CUB experiment with a pretrained network and no fine-tuni
 4. for a backbone with an ImageNet classifier, the same box metrics for the CAM of its top-1
    ImageNet class (``imagenet_cam_*``), i.e. CAM without the SVM.
 
-With ``tune_threshold`` the box threshold is chosen on the *train* split (SVM-CAM of the true
-class, box accuracy at IoU 0.5 over ``threshold_grid``; the sweep uses
-`fgloc.metrics.boxes_at_thresholds` with ``largest_only`` for speed, 8-connected) and then
-applied to the test split with the paper's rule. Mapping resolution: with ``cam_layers =
+With ``box.tune`` the box threshold is chosen on the *train* split (SVM-CAM of the true
+class, box accuracy at IoU 0.5 over ``box.grid``, `fgloc.metrics.box_hits`) and then
+applied to the test split; the sweep and the test boxes come from the same function with the
+same rule and connectivity. Mapping resolution: with ``cam_layers =
 ("stage5", "pre_pool")`` the 14x14 head map of EfficientNet-Lite0 at 448 is bilinearly
 upsampled to the 28x28 stride-16 ``stage5`` map and the two are concatenated (a hypercolumn), so
 the SVM-CAM is the sum of a 28x28 and an upsampled 14x14 CAM — the paper's recommendation of a
@@ -28,16 +30,18 @@ higher mapping resolution (Sec. 3.1) without training new layers.
 
 Command::
 
-    python -m experiments.cam_cub --data_dir ../shared/data --workdir /tmp/cam_cub
+    python -m experiments.cam_cub --workdir /tmp/cam_cub    # preset default; --data_dir ../shared/data
+    python -m experiments.cam_cub --config experiments/configs/cam_cub.py:vgg16 --workdir /tmp/v
 
 Measured (2026-11-23, 2-core CPU, 750 train / 652 test, default config, 1108 s; README "Paper 3"):
 SVM-CAM box acc. @IoU0.5 52.8 % (threshold 0.10 chosen on train; 37.7 % at the paper's 0.2),
 MaxBoxAccV2 47.0 %; ImageNet-classifier CAM, probability-weighted top-5 classes, 59.4 %
 (threshold 0.2 from train; top-1 class only 54.1 %); combined CAM (that map + 1.0 · SVM-CAM,
-both max-normalised, weight and threshold 0.15 chosen on train) 60.7 %; classification full / CAM crop / GT box
-83.0 / 85.1 / 86.2 %. At ``--config.input_size=576``: SVM-CAM 55.1 %, top-5 ImageNet CAM
-38.7 %. VGG16 conv5_3 (lpips weights), ``--preset vgg16 --config.max_train=150
---config.max_test=150``: SVM-CAM 46.0 %, SVM accuracy 63.3 %.
+both max-normalised, weight and threshold 0.15 chosen on train) 60.7 %; classification full /
+CAM crop / GT box 83.0 / 85.6 / 86.5 % (rerun 2026-12-01 with crops by
+`fgloc.data.pipeline.crop_resize`, boxes rounded outwards to whole pixels; 85.1 / 86.2 % before
+with continuous-box resizing; every box number unchanged; 3,367 s at load 15–20). Preset ``lite0_576``: SVM-CAM 55.1 %, top-5 ImageNet CAM 38.7 %. Preset
+``vgg16`` (VGG16 conv5_3, lpips weights, 150 / 150 images): SVM-CAM 46.0 %, SVM accuracy 63.3 %.
 
 Paper (GoogLeNet-GAP, fine-tuned, full CUB): 41.0 % box acc.; 63.0 / 67.8 / 70.5 % accuracy on
 full image / CAM crop / GT box.
@@ -52,7 +56,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from experiments import common
@@ -61,91 +64,13 @@ __all__ = [
     "box_accuracy",
     "combine_cams",
     "extract",
-    "get_config",
-    "load_resized",
     "make_forward",
-    "maps_to_boxes",
     "run",
-    "save_figure",
     "topk_imagenet_cam",
 ]
 
 
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Presets: ``default`` (EfficientNet-Lite0, 448), ``paper`` (pre_pool only, 20%, no
-    tuning), ``vgg16`` (VGG16 conv5_3 lpips weights at 224, the paper's own network without
-    fine-tuning), ``smoke`` (a few images at 96 px, seconds)."""
-    c = ml_collections.ConfigDict()
-    c.backbone = "efficientnet_lite0"
-    c.input_size = 448
-    c.cam_layers = ("stage5", "pre_pool")
-    c.box_map_size = 224  # maps are upsampled to this square before boxing (then scaled)
-    c.box_rule = "paper"  # "paper" (20% of max, largest CC) or "released" (20/100/110 of 255)
-    c.released_thresholds = (20, 100, 110)
-    c.threshold = 0.2  # the paper's 20% of the map maximum
-    c.tune_threshold = True  # choose the threshold on the train split
-    c.threshold_grid = tuple(round(0.05 * i, 2) for i in range(1, 11))
-    c.svm_c = 0.01
-    # ImageNet-classifier CAM: probability-weighted sum of the CAMs of the top-k ImageNet classes,
-    # Σ_c p_c M_c (k = 1: the top-1 class's CAM). Needs "pre_pool" in cam_layers.
-    c.imagenet_cam_topk = 5
-    # Combined CAM: max-normalised, non-negative top-k ImageNet CAM + a · SVM-CAM (predicted
-    # class) on the SVM-CAM grid; ``a`` and the threshold are chosen together on the train split.
-    c.combined_weights = (0.25, 0.5, 1.0)
-    c.crop_size = 224  # input size of the CAM-crop / GT-box classification features
-    c.crop_classification = True
-    c.max_classes = 0  # 0: all classes; else only the first max_classes class ids
-    c.max_train = 0  # 0: all images of the split (random subset otherwise)
-    c.max_test = 0
-    c.batch_size = 16
-    c.num_figure = 8
-    c.seed = 0
-    if preset == "paper":
-        c.cam_layers = ("pre_pool",)
-        c.tune_threshold = False
-    elif preset == "vgg16":
-        c.backbone = "vgg16_lpips"
-        c.input_size = 224
-        c.cam_layers = ("conv5_3",)
-        c.crop_classification = False
-    elif preset == "smoke":
-        c.input_size = 96
-        c.crop_size = 96
-        c.box_map_size = 48
-        c.max_classes = 3
-        c.max_train = 24
-        c.max_test = 9
-        c.batch_size = 12
-        c.num_figure = 2
-        c.threshold_grid = (0.1, 0.2, 0.3)
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; use default, paper, vgg16 or smoke")
-    return c
-
-
 # ----------------------------------------------------------------------------- features
-
-
-def load_resized(
-    paths: Sequence[str], size: int, boxes: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Loads images (optionally cropped to ``boxes`` ``(B, 4)`` original pixels), squashed to
-    ``size``². Returns ``uint8 (B, size, size, 3)`` and the original ``(B, 2)`` ``(H, W)``."""
-    from fgloc.data.images import load_image
-    from fgloc.data.pipeline import resize_image
-
-    out, sizes = [], []
-    for i, path in enumerate(paths):
-        img = load_image(path)
-        sizes.append(img.shape[:2])
-        box = None
-        if boxes is not None:
-            h, w = img.shape[:2]
-            x0, y0, x1, y1 = np.asarray(boxes[i], np.float64)
-            x0, y0 = min(max(x0, 0.0), w - 1.0), min(max(y0, 0.0), h - 1.0)
-            box = (x0, y0, min(max(x1, x0 + 1.0), w), min(max(y1, y0 + 1.0), h))
-        out.append(resize_image(img, (size, size), box=box))
-    return np.stack(out), np.asarray(sizes, np.int64)
 
 
 def make_forward(p: Any, layers: Sequence[str]) -> Callable[[np.ndarray], dict[str, jax.Array]]:
@@ -192,6 +117,8 @@ def extract(
     stacks the outputs named `keys`; also returns ``sizes`` (N, 2) original (H, W)."""
     from tqdm.auto import tqdm
 
+    from fgloc.data.pipeline import load_resized
+
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     sizes = []
     for i in tqdm(range(0, len(paths), batch_size), desc=desc):
@@ -210,65 +137,6 @@ def extract(
 # ----------------------------------------------------------------------------- boxes
 
 
-def maps_to_boxes(
-    maps: np.ndarray,
-    sizes: np.ndarray,
-    *,
-    map_size: int,
-    rule: str = "paper",
-    threshold: float = 0.2,
-    released_thresholds: Sequence[int] = (20, 100, 110),
-    chunk: int = 64,
-) -> np.ndarray:
-    """One box per map, in original image pixels.
-
-    Args:
-      maps: ``(N, h, w)`` maps over the whole (squashed) image.
-      sizes: ``(N, 2)`` original ``(H, W)``.
-      map_size: the maps are bilinearly upsampled to ``map_size``² first (paper: image size).
-      rule: ``"paper"`` (`boxes_from_maps`, ``threshold`` of the max, largest 4-connected
-        component) or ``"released"`` (`cam_boxes_released`, its first box; whole image if none).
-    Returns:
-      ``(N, 4)`` float64 ``[x0, y0, x1, y1]``, exclusive ends, original pixels.
-    """
-    from fgloc.localize.boxes import cam_boxes_released
-
-    if rule not in ("paper", "released"):
-        raise ValueError(f"box_rule must be 'paper' or 'released', got {rule!r}")
-    up = _upsampler(map_size)
-    paper = _paper_boxer(map_size)
-    out = []
-    for i in range(0, len(maps), chunk):
-        m = jnp.asarray(maps[i : i + chunk], jnp.float32)
-        if rule == "paper":
-            out.append(np.asarray(paper(m, threshold), np.float64))
-        else:
-            for heat in np.asarray(up(m)):
-                b = cam_boxes_released(heat, released_thresholds)
-                out.append(b[:1] if len(b) else np.array([[0, 0, map_size, map_size]], float))
-    boxes = np.concatenate(out).reshape(-1, 4)
-    scale = np.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], -1) / map_size
-    return boxes * scale
-
-
-@functools.cache
-def _upsampler(map_size: int) -> Callable[[jax.Array], jax.Array]:
-    """One jitted ``(N, h, w) -> (N, S, S)`` resize per map size, shared by every call (a new
-    ``jax.jit`` per call would retrace and recompile for every threshold swept)."""
-    from fgloc.maps.cam import resize_maps
-
-    return jax.jit(lambda m: resize_maps(m, (map_size, map_size)))
-
-
-@functools.cache
-def _paper_boxer(map_size: int) -> Callable[[jax.Array, Any], jax.Array]:
-    """Jitted upsample + paper box rule; the threshold is a traced argument (no recompile)."""
-    from fgloc.localize.boxes import boxes_from_maps
-
-    up = _upsampler(map_size)
-    return jax.jit(lambda m, t: boxes_from_maps(up(m), t))
-
-
 def box_accuracy(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:
     """Fraction of images whose box has IoU ≥ `iou_threshold` with the ground truth (N, 4)."""
     from fgloc.metrics import iou
@@ -277,27 +145,23 @@ def box_accuracy(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -
 
 
 def tune_threshold(
-    maps: np.ndarray, sizes: np.ndarray, gt: np.ndarray, grid: Sequence[float], map_size: int
+    maps: np.ndarray,
+    sizes: np.ndarray,
+    gt: np.ndarray,
+    grid: Sequence[float],
+    map_size: int,
+    connectivity: int = 4,
 ) -> tuple[float, dict[float, float]]:
-    """Threshold (fraction of max) of the grid with the best box accuracy at IoU 0.5.
-
-    Uses `fgloc.metrics.boxes_at_thresholds(largest_only=True)` (scipy, all thresholds of one
-    map in one labelling, 8-connected) on maps upsampled to ``map_size``²."""
-    from fgloc.maps.cam import resize_maps
-    from fgloc.metrics import boxes_at_thresholds, iou
+    """Threshold (fraction of max) of the grid with the best box accuracy at IoU 0.5 (the
+    smallest on ties), with the boxes the test split gets: `fgloc.metrics.box_hits` over
+    `fgloc.localize.boxes.boxes_in_image` (rule ``"largest"``, maps upsampled to
+    ``map_size``², the same ``connectivity``)."""
+    from fgloc.metrics import box_hits
 
     grid_arr = np.asarray(grid, np.float64)
-    up = jax.jit(lambda m: resize_maps(m, (map_size, map_size)))
-    hits = np.zeros(len(grid_arr))
-    for i in range(len(maps)):
-        m = np.asarray(up(jnp.asarray(maps[i : i + 1], jnp.float32))[0], np.float64)
-        peak = m.max()
-        boxes, t_idx = boxes_at_thresholds(m, grid_arr * peak, largest_only=True)
-        h, w = sizes[i]
-        boxes = boxes * np.array([w, h, w, h]) / map_size
-        ok = iou(boxes, gt[i][None]) >= 0.5
-        hits[t_idx[ok]] += 1
-    acc = hits / max(len(maps), 1)
+    acc = box_hits(
+        maps, sizes, gt[:, None], grid_arr, map_size=map_size, connectivity=connectivity
+    ).mean(axis=0)
     best = int(np.argmax(acc))
     return float(grid_arr[best]), {float(t): float(a) for t, a in zip(grid_arr, acc)}
 
@@ -369,14 +233,13 @@ def topk_imagenet_cam(feats: Mapping[str, np.ndarray], kernel: np.ndarray, k: in
 def combine_cams(imagenet_cam: np.ndarray, svm_cam: np.ndarray, weight: float) -> np.ndarray:
     """``norm(imagenet_cam) + weight · norm(svm_cam)`` on the SVM-CAM's grid, where ``norm``
     clips at 0 and divides by the map's maximum. ``(N, h, w)`` each -> ``(N, H, W)``."""
+    from fgloc.maps.normalize import max_normalize
+
     h, w = svm_cam.shape[1:]
 
     def norm(m: np.ndarray) -> np.ndarray:
-        m = np.asarray(
-            jax.image.resize(jnp.asarray(m, jnp.float32), (m.shape[0], h, w), "bilinear")
-        )
-        m = np.maximum(m, 0.0)
-        return m / np.maximum(m.max(axis=(1, 2), keepdims=True), 1e-12)
+        m = jax.image.resize(jnp.asarray(m, jnp.float32), (m.shape[0], h, w), "bilinear")
+        return np.asarray(max_normalize(m))
 
     return norm(imagenet_cam) + weight * norm(svm_cam)
 
@@ -391,52 +254,6 @@ def svm_raw_weights(clf: Any) -> np.ndarray:
     return w.T
 
 
-# ----------------------------------------------------------------------------- figure
-
-
-def save_figure(
-    path: pathlib.Path,
-    paths: Sequence[str],
-    maps: np.ndarray,
-    pred: np.ndarray,
-    gt: Sequence[np.ndarray],
-    titles: Sequence[str],
-) -> None:
-    """Images with the map overlaid, predicted box (red) and ground-truth boxes (green)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    from fgloc.data.images import load_image
-    from fgloc.data.pipeline import resize_image
-
-    n = len(paths)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, ax in enumerate(axes.ravel()[:n]):
-        img = load_image(paths[i])
-        h, w = img.shape[:2]
-        m = maps[i].astype(np.float64)
-        m = (m - m.min()) / max(m.max() - m.min(), 1e-12)
-        heat = resize_image((255 * m).astype(np.uint8)[..., None].repeat(3, -1), (h, w))[..., 0]
-        ax.imshow(img)
-        ax.imshow(heat, cmap="jet", alpha=0.45)
-        for b in np.asarray(gt[i]).reshape(-1, 4):
-            ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=2))
-        b = pred[i]
-        ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="red", lw=2))
-        ax.set_title(titles[i], fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- experiment
 
 
@@ -448,16 +265,17 @@ def _subset(n: int, limit: int, seed: int) -> np.ndarray:
 
 def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
     from fgloc.data.cub import read_cub
+    from fgloc.localize.boxes import boxes_in_image
     from fgloc.pretrained import pretrained
 
     root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
     ann = read_cub(root)
-    if config.max_classes:
-        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.max_classes].max() + 1)
+    if config.data.max_classes:
+        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.data.max_classes].max() + 1)
     train = ann.split("train")
     test = ann.split("test")
-    train = train.subset(_subset(len(train), config.max_train, config.seed))
-    test = test.subset(_subset(len(test), config.max_test, config.seed))
+    train = train.subset(_subset(len(train), config.data.max_train, config.seed))
+    test = test.subset(_subset(len(test), config.data.max_test, config.seed))
     p = pretrained(config.backbone)
     layers = tuple(config.cam_layers)
     forward = make_forward(p, layers)
@@ -510,24 +328,30 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     to_col = np.vectorize(lambda c: col[c])
 
     # 2. SVM-CAM boxes; threshold from the train split (true class) or the paper's 20%.
-    threshold, sweep = float(config.threshold), {}
-    if config.tune_threshold and config.box_rule == "paper":
-        cams_tr = svm_cams(tr, layers, weights, to_col(train.labels))
-        threshold, sweep = tune_threshold(
-            cams_tr, tr["sizes"], train.boxes, config.threshold_grid, config.box_map_size
+    conn = int(config.box.connectivity)
+    tuned = config.box.tune and config.box.rule == "largest"
+
+    def tune(maps: np.ndarray) -> tuple[float, dict[float, float]]:
+        return tune_threshold(
+            maps, tr["sizes"], train.boxes, config.box.grid, config.box.map_size, conn
         )
-    box_kw = {
-        "map_size": config.box_map_size,
-        "rule": config.box_rule,
-        "released_thresholds": tuple(config.released_thresholds),
-    }
+
+    def boxes(maps: np.ndarray, sizes: np.ndarray, t: float, rule: str = "") -> np.ndarray:
+        """The one box rule of this run (`boxes_in_image`), as in `tune`."""
+        return boxes_in_image(
+            maps, sizes, t, rule=rule or config.box.rule, map_size=config.box.map_size,
+            connectivity=conn if (rule or config.box.rule) == "largest" else None,
+            released_thresholds=tuple(config.box.released_thresholds),
+        )  # fmt: skip
+
+    threshold, sweep = float(config.box.threshold), {}
+    if tuned:
+        threshold, sweep = tune(svm_cams(tr, layers, weights, to_col(train.labels)))
     cams_pred = svm_cams(te, layers, weights, to_col(pred_te))
-    boxes_pred = maps_to_boxes(cams_pred, te["sizes"], threshold=threshold, **box_kw)
+    boxes_pred = boxes(cams_pred, te["sizes"], threshold)
     cams_gt = svm_cams(te, layers, weights, to_col(test.labels))
-    boxes_gt_cls = maps_to_boxes(cams_gt, te["sizes"], threshold=threshold, **box_kw)
-    boxes_paper = maps_to_boxes(
-        cams_pred, te["sizes"], threshold=0.2, **{**box_kw, "rule": "paper"}
-    )
+    boxes_gt_cls = boxes(cams_gt, te["sizes"], threshold)
+    boxes_paper = boxes(cams_pred, te["sizes"], 0.2, rule="largest")
     gt_boxes = test.boxes.astype(np.float64)
     metrics: dict[str, Any] = {
         "backbone": config.backbone,
@@ -539,7 +363,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         "box_acc_iou50": box_accuracy(boxes_pred, gt_boxes),
         "box_acc_iou50_gt_known": box_accuracy(boxes_gt_cls, gt_boxes),
         "box_acc_iou50_threshold20": box_accuracy(boxes_paper, gt_boxes),
-        "maxboxacc_v2": _maxboxacc(cams_gt, te["sizes"], gt_boxes, config.box_map_size),
+        "maxboxacc_v2": _maxboxacc(cams_gt, te["sizes"], gt_boxes, config.box.map_size),
     }
     metrics.update({f"train_box_acc_t{t:.2f}": a for t, a in sweep.items()})
 
@@ -547,53 +371,47 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     # the top-k classes (a bird photo spreads its probability over several bird classes, whose
     # CAMs light up different parts), threshold chosen on the train split like the SVM-CAM's.
     if has_cls:
-        boxes_in = maps_to_boxes(te["imagenet_cam"], te["sizes"], threshold=0.2, **box_kw)
+        boxes_in = boxes(te["imagenet_cam"], te["sizes"], 0.2)
         metrics["imagenet_cam_top1_box_acc_iou50_threshold20"] = box_accuracy(boxes_in, gt_boxes)
         metrics["imagenet_cam_top1_maxboxacc_v2"] = _maxboxacc(
-            te["imagenet_cam"], te["sizes"], gt_boxes, config.box_map_size
+            te["imagenet_cam"], te["sizes"], gt_boxes, config.box.map_size
         )
         if "pre_pool" in layers:
             kernel = np.asarray(p.variables["params"]["classifier"]["kernel"], np.float32)
-            k = int(config.imagenet_cam_topk)
+            k = int(config.imagenet_cam.topk)
             cam_tr, cam_te = (topk_imagenet_cam(d, kernel, k) for d in (tr, te))
             t_in = 0.2
-            if config.tune_threshold and config.box_rule == "paper":
-                t_in, sweep_in = tune_threshold(
-                    cam_tr, tr["sizes"], train.boxes, config.threshold_grid, config.box_map_size
-                )
+            if tuned:
+                t_in, sweep_in = tune(cam_tr)
                 metrics.update(
                     {f"imagenet_cam_train_box_acc_t{t:.2f}": a for t, a in sweep_in.items()}
                 )
-            boxes_k = maps_to_boxes(cam_te, te["sizes"], threshold=t_in, **box_kw)
+            boxes_k = boxes(cam_te, te["sizes"], t_in)
             metrics["imagenet_cam_topk"] = k
             metrics["imagenet_cam_threshold"] = t_in
             metrics["imagenet_cam_box_acc_iou50"] = box_accuracy(boxes_k, gt_boxes)
             metrics["imagenet_cam_maxboxacc_v2"] = _maxboxacc(
-                cam_te, te["sizes"], gt_boxes, config.box_map_size
+                cam_te, te["sizes"], gt_boxes, config.box.map_size
             )
-            if config.combined_weights and config.box_rule == "paper":
+            if config.imagenet_cam.combined_weights and tuned:
                 svm_tr = svm_cams(tr, layers, weights, to_col(train.labels))
                 best = (-1.0, 0.0, 0.0)
-                for a in config.combined_weights:
-                    comb_tr = combine_cams(cam_tr, svm_tr, float(a))
-                    t_c, sw = tune_threshold(
-                        comb_tr, tr["sizes"], train.boxes, config.threshold_grid,
-                        config.box_map_size,
-                    )  # fmt: skip
+                for a in config.imagenet_cam.combined_weights:
+                    t_c, sw = tune(combine_cams(cam_tr, svm_tr, float(a)))
                     best = max(best, (sw[t_c], float(a), t_c))
                 _, a_best, t_best = best
                 comb_te = combine_cams(cam_te, cams_pred, a_best)
-                boxes_c = maps_to_boxes(comb_te, te["sizes"], threshold=t_best, **box_kw)
+                boxes_c = boxes(comb_te, te["sizes"], t_best)
                 metrics["combined_cam_weight"] = a_best
                 metrics["combined_cam_threshold"] = t_best
                 metrics["combined_cam_train_box_acc"] = best[0]
                 metrics["combined_cam_box_acc_iou50"] = box_accuracy(boxes_c, gt_boxes)
 
     # 3. classification on CAM crops and on ground-truth boxes.
-    if config.crop_classification:
+    if config.crops.enabled:
         crop_fwd = forward  # same jitted function: no recompilation when crop_size == input_size
         cams_tr_pred = svm_cams(tr, layers, weights, to_col(clf.predict(tr["pooled"])))
-        boxes_tr = maps_to_boxes(cams_tr_pred, tr["sizes"], threshold=threshold, **box_kw)
+        boxes_tr = boxes(cams_tr_pred, tr["sizes"], threshold)
         metrics["cls_acc_cam_crop"] = _crop_accuracy(
             config, crop_fwd, workdir, "cam", train, test, boxes_tr, boxes_pred
         )
@@ -607,7 +425,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         titles = [
             f"{nm}  IoU {float(_iou(boxes_pred[i], gt_boxes[i])):.2f}" for i, nm in enumerate(names)
         ]
-        save_figure(
+        common.save_box_figure(
             workdir / "examples.png", list(test.paths[:k]), cams_pred[:k], boxes_pred[:k],
             [gt_boxes[i] for i in range(k)], titles,
         )  # fmt: skip
@@ -622,20 +440,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def _maxboxacc(maps: np.ndarray, sizes: np.ndarray, gt: np.ndarray, map_size: int) -> float:
     """MaxBoxAccV2 with maps upsampled to ``map_size``² and GT boxes scaled into that grid."""
-    from fgloc.maps.cam import resize_maps
-    from fgloc.metrics import MaxBoxAccV2
+    from fgloc.metrics import max_box_acc_v2_in_images
 
-    acc = MaxBoxAccV2()
-    up = jax.jit(lambda m: resize_maps(m, (map_size, map_size)))
-    scale = map_size / np.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], -1)
-    for i in range(0, len(maps), 64):
-        m = np.asarray(up(jnp.asarray(maps[i : i + 64], jnp.float32)))
-        acc.update(m, list((gt[i : i + 64] * scale[i : i + 64])[:, None, :]))
-    return acc.compute().value
+    return max_box_acc_v2_in_images(maps, sizes, gt[:, None], map_size).value
 
 
 def _crop_accuracy(
-    config: Any,  # a get_config() ConfigDict (dynamic attribute types)
+    config: Any,  # a configs/cam_cub.py ConfigDict (dynamic attribute types)
     forward: Callable[[np.ndarray], Mapping[str, jax.Array]],
     workdir: pathlib.Path,
     name: str,
@@ -645,7 +456,7 @@ def _crop_accuracy(
     boxes_te: np.ndarray,
 ) -> float:
     """Accuracy of an SVM trained and tested on GAP features of box crops (``crop_size``²)."""
-    size, bs = config.crop_size, config.batch_size
+    size, bs = config.crops.size, config.batch_size
     out = []
     for split, boxes, tag in ((train, boxes_tr, "train"), (test, boxes_te, "test")):
         key = {
@@ -653,6 +464,7 @@ def _crop_accuracy(
             "size": size,
             "layers": tuple(config.cam_layers),
             "boxes": np.round(np.asarray(boxes, np.float64), 1).tolist(),
+            "crop": "pipeline.crop_resize",  # boxes rounded outwards to whole pixels
             "files": [str(f) for f in split.file_names],
         }
         fn = functools.partial(
@@ -664,4 +476,4 @@ def _crop_accuracy(
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

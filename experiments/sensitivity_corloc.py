@@ -23,27 +23,31 @@ Pipeline (choices the paper leaves open are marked *):
    ``WORKDIR/cache/`` as npz chunks (reruns and interrupted runs reuse them);
 4. features: the map area-pooled to ``s × s`` and normalised per map; ``s`` and the norm chosen
    with λ by k-fold CV (mean IoU) on the training split; targets ``(x0/W, y0/H, x1/W, y1/H)``
-   (`fgloc.localize.box_regression`); ridge in closed form;
+   (`fgloc.localize.box_regression`); ridge by `fgloc.localize.ridge`;
 5. evaluation: CorLoc of the learned box, of the threshold box and of the centre box. For
    images with several ground-truth boxes (ImageNet) a hit is IoU ≥ 0.5 with any of them; the
    regression target and the centre box's mean size use the largest box*.
 
-Datasets (``dataset``): ``"cub"`` — a CUB-200-2011 folder (``images.txt``, ...): fit on the
+Datasets (``dataset``): ``"cub"`` (the default) — a CUB-200-2011 folder (``images.txt``, ...): fit on the
 train split, test on the test split; ``"imagenet"`` — an ILSVRC validation folder read by
 `fgloc.data.imagenet.read_imagenet_val`: ``eval_folds``-fold cross-validation over its images
-(the set is small); ``"auto"`` (default) — whatever ``--data_dir`` holds: the CUB folder, the
-ImageNet folder, or a parent holding ``CUB_200_2011`` and/or ``imagenet_val_sample`` (both run;
-then the flat keys are CUB's and every key also appears prefixed ``cub_`` / ``imagenet_``).
+(the set is small); ``"both"``; ``"auto"`` — whatever ``--data_dir`` holds: the CUB folder,
+the ImageNet folder, or a parent holding ``CUB_200_2011`` and/or ``imagenet_val_sample`` (both
+run). With two datasets the flat keys are CUB's and every key also appears prefixed ``cub_`` /
+``imagenet_``. ``--data_dir`` is the folder that holds the datasets (default
+``../shared/data``) or one dataset folder.
 
-Command (CUB subset in ``../shared/data``: classes 1–25, 750 train / 652 test images)::
+Configurations: ``experiments/configs/sensitivity_corloc.py``. Commands (CUB subset in
+``../shared/data``: classes 1–25, 750 train / 652 test images; then the ImageNet sample)::
 
-    nice -n 10 python -m experiments.sensitivity_corloc --data_dir ../shared/data \\
-        --workdir runs/sensitivity_corloc
+    nice -n 10 python -m experiments.sensitivity_corloc --workdir runs/sensitivity_corloc
+    nice -n 10 python -m experiments.sensitivity_corloc \\
+        --config experiments/configs/sensitivity_corloc.py:imagenet --workdir runs/sens_in
 
 Writes ``WORKDIR/metrics.json`` (``corloc``, ``corloc_threshold_box``,
 ``corloc_center_baseline``, ``n_images``, ``backbone``, ``seconds``, plus mean IoUs and the
 chosen settings) and ``WORKDIR/examples_<dataset>.png`` (maps with true, learned and threshold
-boxes). ``--preset smoke`` runs 8 + 8 images at a 64-pixel input in CI.
+boxes). Preset ``smoke`` runs 16 images of each dataset at a 64-pixel input in CI.
 
 Results (measured 2026-11-23 on the shared 2-core CPU box, no GPU; Lite0 at 224, top-1
 class, default config; runs/ is git-ignored):
@@ -57,20 +61,19 @@ threshold box, t = 0.2                22.1 %          0.352           28.0 %
 centre box baseline (paper 004)       56.3 %          0.517           20.0 %
 ===================================  ==============  ==============  ======================
 
-CUB: ``--data_dir ../shared/data/CUB_200_2011 --workdir runs/sensitivity_corloc``, 750 train /
+CUB (preset ``default``), 750 train /
 652 test images (classes 1–25), CV chose 8×8 pooling, ``max`` norm, λ = 7.5; train CorLoc 78 %;
 top-1 class is an ImageNet bird for 96.2 % of images; 4,616 s wall (almost all of it the
 sensitivity maps, on a machine shared with ~9 other jobs; 0.87 CPU-s per image measured for
-one Lite0 input gradient at 224). ImageNet: ``--data_dir ../shared/data/imagenet_val_sample
---workdir runs/sensitivity_corloc_imagenet``, 50 images, top-1 accuracy 64 %, 839 s. With 40
+one Lite0 input gradient at 224; rerun 2026-12-01 with the one ridge and box function of
+fgloc: the same CorLocs and λ, 2,595 s). ImageNet (preset ``imagenet``), 50 images, top-1 accuracy
+64 %, 839 s. With 40
 training boxes per fold the linear map cannot be learned (it regresses to mid-size boxes);
 the paper fitted it on 225,687 images. The paper's Table 1 values are not in our text copy.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
@@ -79,14 +82,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from experiments import common
 
-__all__ = ["BIRD_CLASSES", "get_config", "run"]
+__all__ = ["BIRD_CLASSES", "check_config", "run"]
 
 # ImageNet-1k classes that are birds (sorted-synset indices): 7 cock … 24 great grey owl,
 # 80 black grouse … 100 black swan, 127 white stork … 146 albatross.
@@ -95,106 +96,24 @@ TARGET_CLASSES = ("top1", "bird_top1", "label")
 DATASETS = ("auto", "cub", "imagenet", "both")
 
 
-def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Experiment settings; ``preset="smoke"``: 8 + 8 images, 64-pixel input, tiny search."""
-    c = ml_collections.ConfigDict()
-    c.dataset = "auto"  # auto | cub | imagenet | both (see module docstring)
-    c.backbone = "efficientnet_lite0"  # a fgloc.pretrained name
-    c.weights = ""  # optional weights file for fgloc.pretrained(backbone, weights=...)
-    c.input_size = 0  # network input side in pixels; 0 = the backbone's own (224 for Lite0)
-    c.target_class = "top1"  # top1 | bird_top1 | label
-    c.reduce = "max"  # colour reduction of |∂S/∂x|: max | l2 | sum
-    c.cache_size = 112  # maps are area-pooled to this side before caching
-    c.batch_size = 8
-    c.chunk_size = 32  # images per cache file
-    c.max_images = 0  # >0: the first N images of `image_order` (CUB: N/2 train + N/2 test)
-    c.pool_sizes = (8, 16, 32)  # feature grids compared by CV on the training split
-    c.norms = ("none", "max", "sum")  # per-map normalisations compared by CV
-    c.alphas = tuple(float(a) for a in 10.0 ** np.arange(-4.0, 2.01, 0.5))  # λ grid, unit-free
-    c.cv_folds = 5
-    c.cv_score = "iou"  # mse | iou | corloc: what the CV maximises
-    c.eval_folds = 5  # k-fold evaluation on ImageNet-layout folders
-    c.thresholds = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)  # threshold-box fractions of the max
-    c.threshold_map_size = 56  # the threshold box is drawn on the map pooled to this side
-    c.seed = 0
-    c.n_figure = 8
-    if preset == "smoke":
-        c.input_size = 64
-        c.cache_size = 32
-        c.max_images = 16
-        c.chunk_size = 8
-        c.pool_sizes = (8,)
-        c.norms = ("sum",)
-        c.alphas = (1e-2, 1.0)
-        c.cv_folds = 2
-        c.eval_folds = 2
-        c.thresholds = (0.2,)
-        c.threshold_map_size = 16
-        c.n_figure = 2
-    elif preset != "default":
-        raise ValueError(f"unknown preset {preset!r}; choose 'default' or 'smoke'")
-    return c
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """`get_config`'s fields, typed and checked (`from_config`); what the functions below take."""
-
-    dataset: str
-    backbone: str
-    weights: str
-    input_size: int
-    target_class: str
-    reduce: str
-    cache_size: int
-    batch_size: int
-    chunk_size: int
-    max_images: int
-    pool_sizes: tuple[int, ...]
-    norms: tuple[str, ...]
-    alphas: tuple[float, ...]
-    cv_folds: int
-    cv_score: str
-    eval_folds: int
-    thresholds: tuple[float, ...]
-    threshold_map_size: int
-    seed: int
-    n_figure: int
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
-        values = dict(config.to_dict())
-        names = [f.name for f in dataclasses.fields(cls)]
-        if set(values) != set(names):
-            raise ValueError(
-                f"config fields differ from Settings: unknown {sorted(set(values) - set(names))}, "
-                f"missing {sorted(set(names) - set(values))}"
-            )
-        typed: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            v, kind = values[f.name], str(f.type)
-            try:
-                if kind.startswith("tuple"):
-                    item = {"int": int, "str": str, "float": float}[kind[6:].split(",")[0]]
-                    seq = v if isinstance(v, list | tuple) else (v,)
-                    typed[f.name] = tuple(item(x) for x in seq)
-                else:
-                    typed[f.name] = {"int": int, "str": str, "float": float}[kind](v)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"config.{f.name}={v!r}: expected {kind} ({err})") from None
-        out = cls(**typed)
-        if out.dataset not in DATASETS:
-            raise ValueError(f"config.dataset must be one of {DATASETS}, got {out.dataset!r}")
-        if out.target_class not in TARGET_CLASSES:
-            raise ValueError(
-                f"config.target_class must be one of {TARGET_CLASSES}, got {out.target_class!r}"
-            )
-        if out.chunk_size % out.batch_size:
-            raise ValueError(
-                f"config.chunk_size {out.chunk_size} must be a multiple of "
-                f"config.batch_size {out.batch_size}"
-            )
-        return out
+def check_config(config: Any) -> None:
+    """Rejects a config that cannot run (values, not types: config_flags types overrides)."""
+    if config.dataset not in DATASETS:
+        raise ValueError(f"config.dataset must be one of {DATASETS}, got {config.dataset!r}")
+    if config.target_class not in TARGET_CLASSES:
+        raise ValueError(
+            f"config.target_class must be one of {TARGET_CLASSES}, got {config.target_class!r}"
+        )
+    if config.chunk_size % config.batch_size:
+        raise ValueError(
+            f"config.chunk_size {config.chunk_size} must be a multiple of "
+            f"config.batch_size {config.batch_size}"
+        )
+    if config.threshold_box.connectivity not in (4, 8):
+        raise ValueError(
+            f"config.threshold_box.connectivity must be 4 or 8, got "
+            f"{config.threshold_box.connectivity}"
+        )
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,14 +219,6 @@ def find_datasets(data_dir: pathlib.Path, dataset: str) -> dict[str, pathlib.Pat
     return found
 
 
-def load_resized(path: str, size: int) -> np.ndarray:
-    """The whole image as ``(size, size, 3)`` float32 pixels in [0, 255] (bilinear, antialiased)."""
-    from fgloc.data.images import load_image
-
-    img = Image.fromarray(load_image(path)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, np.float32)
-
-
 # ----------------------------------------------------------------------------- maps
 
 
@@ -349,9 +260,11 @@ def make_map_fn(net: Any, input_size: int, target_class: str, reduce: str, cache
 
 
 def compute_maps(
-    records: Records, net: Any, config: Settings, cache_dir: pathlib.Path
+    records: Records, net: Any, config: Any, cache_dir: pathlib.Path
 ) -> dict[str, np.ndarray]:
     """Pooled sensitivity maps ``(N, c, c)`` and classes for all records, cached per chunk."""
+    from fgloc.data.pipeline import load_resized
+
     size = int(config.input_size) or int(net.input_size)
     if config.target_class == "label" and np.any(records.labels < 0):
         raise ValueError(f"target_class='label' needs ImageNet labels; {records.name} has none")
@@ -365,7 +278,7 @@ def compute_maps(
         "reduce": config.reduce,
         "cache_size": config.cache_size,
     }
-    # Settings in the file name too, so runs with other settings keep their own caches.
+    # The settings in the file name too, so runs with other settings keep their own caches.
     tag = hashlib.sha256(json.dumps(key_base, sort_keys=True).encode()).hexdigest()[:10]
     parts: list[dict[str, np.ndarray]] = []
     n = len(records.paths)
@@ -378,7 +291,7 @@ def compute_maps(
             for b in range(0, len(idx), bs):
                 sel = idx[b : b + bs]
                 raw = np.zeros((bs, size, size, 3), np.float32)
-                raw[: len(sel)] = np.stack([load_resized(str(records.paths[i]), size) for i in sel])
+                raw[: len(sel)] = load_resized([str(records.paths[i]) for i in sel], size)[0]
                 labels = np.zeros(bs, np.int32)
                 labels[: len(sel)] = np.maximum(records.labels[sel], 0)
                 out = jax.device_get(step(jnp.asarray(raw), jnp.asarray(labels)))
@@ -405,22 +318,17 @@ def largest_box(boxes: np.ndarray) -> np.ndarray:
     return boxes[int(np.argmax(area))]
 
 
-@functools.cache
-def _boxes_from_maps_jit() -> Any:
-    from fgloc.localize.boxes import boxes_from_maps
-
-    return jax.jit(boxes_from_maps)
-
-
-def threshold_boxes(maps: np.ndarray, sizes: np.ndarray, threshold: float, side: int) -> np.ndarray:
-    """Threshold-heuristic boxes ``(N, 4)`` in image pixels from ``(N, h, w)`` maps pooled to
-    ``side``² (largest 4-connected region above ``threshold · max``, `boxes_from_maps`)."""
+def threshold_boxes(
+    maps: np.ndarray, sizes: np.ndarray, threshold: Any, side: int, connectivity: int = 4
+) -> np.ndarray:
+    """Threshold-heuristic boxes in image pixels from ``(N, h, w)`` maps area-pooled to
+    ``side``² (largest connected region above ``threshold · max``,
+    `fgloc.localize.boxes.boxes_in_image`): ``(N, 4)``, or ``(N, T, 4)`` for a grid ``(T,)``."""
     from fgloc.localize.box_regression import pool_maps
+    from fgloc.localize.boxes import boxes_in_image
 
-    pooled = pool_maps(jnp.asarray(maps), side)
-    boxes = np.asarray(_boxes_from_maps_jit()(pooled, threshold), np.float64) / side
-    h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
-    return boxes * np.stack([w, h, w, h], axis=1)
+    pooled = np.asarray(pool_maps(jnp.asarray(maps), side))
+    return boxes_in_image(pooled, sizes, threshold, connectivity=connectivity)
 
 
 def fit_and_predict(
@@ -428,7 +336,7 @@ def fit_and_predict(
     records: Records,
     train: np.ndarray,
     test: np.ndarray,
-    config: Settings,
+    config: Any,
 ) -> dict[str, Any]:
     """Fits on ``train`` indices, predicts ``test``: learned, threshold and centre boxes."""
     from fgloc import metrics
@@ -438,18 +346,18 @@ def fit_and_predict(
     train_boxes = np.stack([largest_box(records.boxes[i]) for i in train])
     train_gt = [records.boxes[i] for i in train]
     targets = br.boxes_to_targets(train_boxes, sizes[train])
-    n_folds = min(int(config.cv_folds), len(train))
+    n_folds = min(int(config.regression.cv_folds), len(train))
     search = br.search_features(
         maps[train],
         targets,
-        pool_sizes=tuple(config.pool_sizes),
-        norms=tuple(config.norms),
-        alphas=tuple(config.alphas),
+        pool_sizes=tuple(config.regression.pool_sizes),
+        norms=tuple(config.regression.norms),
+        alphas=tuple(config.regression.alphas),
         n_folds=n_folds,
         seed=int(config.seed),
-        scorer=config.cv_score,
+        scorer=config.regression.cv_score,
     )
-    reg, _ = br.fit_box_regressor(
+    reg = br.fit_box_regressor(
         maps[train],
         train_boxes,
         sizes[train],
@@ -461,16 +369,16 @@ def fit_and_predict(
     alpha = search.lam / float(br.lambda_grid(feats, [1.0])[0])  # λ in `alphas` units
     learned = br.predict_boxes(reg, maps[test], sizes[test])
     learned_train = br.predict_boxes(reg, maps[train], sizes[train])
-    side = int(config.threshold_map_size)
-    train_hits = [
-        metrics.corloc(threshold_boxes(maps[train], sizes[train], t, side), train_gt)
-        for t in config.thresholds
-    ]
-    best_t = float(config.thresholds[int(np.argmax(train_hits))])
+    side = int(config.threshold_box.map_size)
+    conn = int(config.threshold_box.connectivity)
+    grid = tuple(config.threshold_box.thresholds)
+    sweep = threshold_boxes(maps[train], sizes[train], grid, side, conn)
+    train_hits = (metrics.best_iou(sweep, train_gt) >= 0.5).mean(axis=0)  # CorLoc per t
+    best_t = float(config.threshold_box.thresholds[int(np.argmax(train_hits))])
     return {
         "learned": learned,
-        "threshold": threshold_boxes(maps[test], sizes[test], best_t, side),
-        "threshold_t20": threshold_boxes(maps[test], sizes[test], 0.2, side),
+        "threshold": threshold_boxes(maps[test], sizes[test], best_t, side, conn),
+        "threshold_t20": threshold_boxes(maps[test], sizes[test], 0.2, side, conn),
         "center": metrics.center_box_baseline(train_boxes, sizes[train], sizes[test]),
         "threshold_value": best_t,
         "pool_size": search.pool_size,
@@ -483,7 +391,7 @@ def fit_and_predict(
 
 
 def evaluate(
-    records: Records, out: dict[str, np.ndarray], config: Settings
+    records: Records, out: dict[str, np.ndarray], config: Any
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """CorLoc of the three box rules on the test split (CUB) or k-fold (ImageNet)."""
     from fgloc import metrics
@@ -583,15 +491,12 @@ def _rect(cls: Any, box: np.ndarray, color: str, style: str = "-") -> Any:
 # ----------------------------------------------------------------------------- run
 
 
-def run(
-    config: ml_collections.ConfigDict | Settings, data_dir: pathlib.Path, workdir: pathlib.Path
-) -> dict[str, Any]:
+def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
     """Runs every dataset `find_datasets` picks; returns flat metrics (see module docstring)."""
     import fgloc
 
     data_dir, workdir = pathlib.Path(data_dir), pathlib.Path(workdir)
-    if not isinstance(config, Settings):
-        config = Settings.from_config(config)
+    check_config(config)
     found = find_datasets(data_dir, config.dataset)
     net = fgloc.pretrained(config.backbone, weights=config.weights or None)
     if net.class_names is None:
@@ -622,4 +527,4 @@ def run(
 
 
 if __name__ == "__main__":
-    common.main(get_config, run, description=(__doc__ or "").splitlines()[0])
+    common.main(run)

@@ -14,7 +14,8 @@ Objects
     localization error, Russakovsky et al. IJCV 2015, as reported by Zhou et al. CVPR 2016 CAM);
     :func:`gt_known_loc_acc`; :class:`MaxBoxAccV2` / :func:`max_box_acc_v2` and
     :func:`boxes_at_thresholds` (Choe et al. CVPR 2020, "Evaluating Weakly Supervised Object
-    Localization Methods Right").
+    Localization Methods Right"); :func:`box_hits` (box accuracy per map threshold). Maps
+    become boxes through `fgloc.localize.boxes` only.
 Parts
     :func:`pck` (Zhang et al. 2016, Table 2), :func:`part_boxes_from_keypoints` and :func:`pcp`
     (Zhang et al. 2016, Table 3), :func:`normalized_part_error` (Simon et al. 2014, Table 1,
@@ -33,6 +34,10 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import scipy.ndimage as ndi
 
+from fgloc.localize.boxes import boxes_in_image, map_boxes
+from fgloc.maps.normalize import minmax_normalize
+from fgloc.maps.resample import resize_maps_host
+
 __all__ = [
     "CUB_PART_GROUPS",
     "CUB_PART_NAMES",
@@ -41,6 +46,7 @@ __all__ = [
     "MaxBoxAccV2",
     "best_iou",
     "blur_baseline",
+    "box_hits",
     "boxes_at_thresholds",
     "center_box_baseline",
     "corloc",
@@ -49,6 +55,7 @@ __all__ = [
     "iou",
     "localization_error",
     "max_box_acc_v2",
+    "max_box_acc_v2_in_images",
     "normalized_part_error",
     "part_boxes_from_keypoints",
     "pck",
@@ -266,19 +273,16 @@ def localization_error(
 # MaxBoxAccV2 (Choe et al. CVPR 2020)
 # ------------------------------------------------------------------------------------------------
 
-# 8-connectivity inside each (H, W) slice of a (T, H, W) stack, no connection across thresholds.
-_SLICE_8_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
-_SLICE_8_CONNECTIVITY[1] = True
-
 
 def boxes_at_thresholds(
-    score_map: Any, thresholds: Any, largest_only: bool = False
+    score_map: Any, thresholds: Any, largest_only: bool = False, connectivity: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of the connected components of ``score_map > t`` for every threshold ``t`` at once.
 
-    The masks of all thresholds are stacked into a ``(T, H, W)`` volume and labelled in one
-    ``scipy.ndimage.label`` call with 8-connectivity inside each slice and none across slices;
-    ``scipy.ndimage.find_objects`` gives each component's extent. A component covering pixel
+    `fgloc.localize.boxes.map_boxes` (the one map → box function) on the float64 map, rule
+    ``"largest"`` or ``"all"``: the masks of all thresholds are labelled in one
+    ``scipy.ndimage.label`` call, ``connectivity``-connected inside each slice (8 by default,
+    as OpenCV's contours of wsolevaluation) and not across slices. A component covering pixel
     columns ``a..b`` and rows ``c..d`` gives the box ``[a, c, b + 1, d + 1]``.
 
     Differences from wsolevaluation's OpenCV contours: no ``uint8`` quantisation of the map, the
@@ -292,6 +296,7 @@ def boxes_at_thresholds(
         thresholds: ``(T,)`` thresholds in the map's units.
         largest_only: keep only the largest component per threshold (the CAM paper's rule and
             MaxBoxAcc V1); otherwise all components (MaxBoxAccV2).
+        connectivity: 4 or 8.
 
     Returns:
         ``boxes`` ``(M, 4)`` float64 and ``threshold_index`` ``(M,)`` int: the threshold each box
@@ -300,35 +305,39 @@ def boxes_at_thresholds(
     m = np.asarray(score_map, dtype=np.float64)
     if m.ndim != 2:
         raise ValueError(f"score_map: expected (H, W), got {m.shape}")
-    thr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
-    masks = m[None] > thr[:, None, None]
-    labels = np.zeros(masks.shape, dtype=np.int32)
-    ndi.label(masks, structure=_SLICE_8_CONNECTIVITY, output=labels)
-    n = int(labels.max(initial=0))  # components are numbered 1..n
-    if n == 0:
-        return np.zeros((0, 4)), np.zeros((0,), dtype=np.int64)
-    extents = np.array(
-        [
-            (s[0].start, s[2].start, s[1].start, s[2].stop, s[1].stop)
-            for s in ndi.find_objects(labels)
-        ],
-        dtype=np.int64,
-    )  # one row per component: (t, x0, y0, x1, y1)
-    t_idx, boxes = extents[:, 0], extents[:, 1:].astype(np.float64)
-    if largest_only:
-        area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        order = np.lexsort((-area, t_idx))  # by threshold, then largest first; stable on ties
-        first = np.r_[True, t_idx[order][1:] != t_idx[order][:-1]]
-        keep = order[first]
-        t_idx, boxes = t_idx[keep], boxes[keep]
-    return boxes, t_idx
+    rule = "largest" if largest_only else "all"
+    return map_boxes(m, np.asarray(thresholds, np.float64), rule=rule, connectivity=connectivity)
 
 
-def _normalize_maps(maps: np.ndarray) -> np.ndarray:
-    """Min-max normalise each ``(H, W)`` map to ``[0, 1]``; a constant map becomes zeros."""
-    lo = maps.min(axis=(-2, -1), keepdims=True)
-    span = maps.max(axis=(-2, -1), keepdims=True) - lo
-    return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0)
+def box_hits(
+    maps: Any,
+    image_sizes: Any,
+    gt_boxes: Any,
+    thresholds: Any,
+    iou_threshold: float = 0.5,
+    **box_options: Any,
+) -> np.ndarray:
+    """Which maps give a right box at each threshold: the sweep behind every threshold choice.
+
+    Boxes come from `fgloc.localize.boxes.boxes_in_image` (the same function, rule and
+    connectivity as the final boxes, so a threshold is chosen and tested with one rule); a hit
+    is IoU >= ``iou_threshold`` with any ground-truth box of the image. ``hits.mean(0)`` is the
+    box accuracy (CorLoc, GT-known localization accuracy) per threshold.
+
+    Args:
+        maps: ``(N, h, w)`` maps over whole images.
+        image_sizes: ``(N, 2)`` ``(H, W)``.
+        gt_boxes: ragged ground truth, ``N`` entries of ``(k_i, 4)`` image pixels.
+        thresholds: ``(T,)`` fractions of each map's maximum.
+        iou_threshold: IoU needed for a hit (``>=``).
+        **box_options: ``rule``, ``connectivity``, ``map_size`` of `boxes_in_image`.
+
+    Returns:
+        ``(N, T)`` bool hits.
+    """
+    grid = np.asarray(thresholds, np.float64).reshape(-1)
+    boxes = boxes_in_image(maps, image_sizes, grid, **box_options)  # (N, T, 4)
+    return best_iou(boxes, gt_boxes) >= iou_threshold
 
 
 class MaxBoxAccResult(NamedTuple):
@@ -379,6 +388,7 @@ class MaxBoxAccV2:
         iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
         all_components: bool = True,
         normalize: bool = True,
+        connectivity: int = 8,
     ) -> None:
         """Set up an empty accumulator.
 
@@ -388,8 +398,10 @@ class MaxBoxAccV2:
                 training default is 0.001).
             iou_thresholds: IoU thresholds δ averaged over.
             all_components: V2 (all components, best match) if True, else largest component.
-            normalize: min-max normalise each map first (wsolevaluation does); if False the
-                maps must already be in the units of ``cam_thresholds``.
+            normalize: min-max normalise each map first (wsolevaluation does;
+                `fgloc.maps.minmax_normalize`); if False the maps must already be in the units
+                of ``cam_thresholds``.
+            connectivity: 8 (OpenCV contours, as wsolevaluation) or 4.
         """
         thr = np.arange(100) / 100.0 if cam_thresholds is None else cam_thresholds
         self.thresholds = np.asarray(thr, dtype=np.float64).reshape(-1)
@@ -400,6 +412,7 @@ class MaxBoxAccV2:
             raise ValueError("iou_thresholds: need at least one IoU threshold")
         self.all_components = all_components
         self.normalize = normalize
+        self.connectivity = connectivity
         self.reset()
 
     def reset(self) -> None:
@@ -418,9 +431,11 @@ class MaxBoxAccV2:
         if m.ndim != 2:
             raise ValueError(f"score_map: expected (H, W), got {m.shape}")
         if self.normalize:
-            m = _normalize_maps(m)
+            m = minmax_normalize(m)
         gt = _boxes(gt_boxes, "gt_boxes").reshape(-1, 4)
-        boxes, t_idx = boxes_at_thresholds(m, self.thresholds, not self.all_components)
+        boxes, t_idx = boxes_at_thresholds(
+            m, self.thresholds, not self.all_components, self.connectivity
+        )
         best = np.zeros(self.thresholds.size)
         if len(boxes) and len(gt):
             per_box = iou(boxes[:, None, :], gt[None, :, :]).max(axis=1)
@@ -473,6 +488,33 @@ def max_box_acc_v2(maps: Any, gt_boxes: Any, **kwargs: Any) -> MaxBoxAccResult:
     """
     acc = MaxBoxAccV2(**kwargs)
     acc.update(maps, gt_boxes)
+    return acc.compute()
+
+
+def max_box_acc_v2_in_images(
+    maps: Any, image_sizes: Any, gt_boxes: Any, map_size: int, chunk: int = 64, **kwargs: Any
+) -> MaxBoxAccResult:
+    """MaxBoxAccV2 of maps that each cover a whole image of its own size.
+
+    Each map is bilinearly resized to ``map_size``² (`fgloc.maps.resample.resize_maps_host`)
+    and its image's ground-truth boxes are scaled into that grid (``x · S / W``, ``y · S / H``);
+    ``kwargs`` go to :class:`MaxBoxAccV2`.
+
+    Args:
+        maps: ``(N, h, w)`` ground-truth-class maps over whole images.
+        image_sizes: ``(N, 2)`` ``(H, W)``.
+        gt_boxes: ragged ground truth, ``N`` entries of ``(k_i, 4)`` image pixels.
+        map_size: side ``S`` of the grid the boxes are drawn on.
+        chunk: maps resized per call.
+    """
+    sizes = np.asarray(image_sizes, np.float64).reshape(-1, 2)
+    gt, valid = _gt_box_list(gt_boxes, sizes.shape[0])
+    scale = map_size / np.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], -1)
+    acc = MaxBoxAccV2(**kwargs)
+    for i in range(0, sizes.shape[0], chunk):
+        m = resize_maps_host(maps[i : i + chunk], map_size)
+        scaled = gt[i : i + chunk] * scale[i : i + chunk, None, :]
+        acc.update(m, [g[v] for g, v in zip(scaled, valid[i : i + chunk], strict=True)])
     return acc.compute()
 
 

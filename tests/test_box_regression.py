@@ -9,6 +9,7 @@ import pytest
 from sklearn.linear_model import Ridge as SkRidge
 
 from fgloc.localize import box_regression as br
+from fgloc.localize import ridge
 
 
 def _linear_data(n, d, k=4, noise=0.0, seed=0, w_scale=1.0):
@@ -75,53 +76,44 @@ def test_box_target_round_trip_and_repair():
 # ----------------------------------------------------------------------------- ridge
 
 
+# box_regression fits with fgloc.localize.ridge (the one ridge of fgloc); these are the checks
+# this file made of its former hand-written JAX ridge, applied to the ridge it now uses. The
+# former ``mesh`` (row-sharded Gram matrix) and ``solver="dual"`` options went with it.
+
+
 def test_fit_ridge_recovers_known_linear_map_noiseless():
     x, y, w, b = _linear_data(300, 20)
-    model = br.fit_ridge(x, y, 0.0)
-    np.testing.assert_allclose(model.weight, w, atol=2e-4)
-    np.testing.assert_allclose(model.bias, b, atol=2e-3)
-    np.testing.assert_allclose(br.predict_ridge(model, x), y, atol=2e-3)
+    model = ridge.fit_ridge(x, y, 0.0)
+    np.testing.assert_allclose(model.coef, w, atol=2e-4)
+    np.testing.assert_allclose(model.intercept, b, atol=2e-3)
+    np.testing.assert_allclose(model.predict(x), y, atol=2e-3)
 
 
-def test_fit_ridge_matches_sklearn_and_dual_equals_primal():
-    x, y, _, _ = _linear_data(60, 40, noise=0.5, seed=2)
-    lam = 7.0
-    sk = SkRidge(alpha=lam, fit_intercept=True).fit(x.astype(np.float64), y.astype(np.float64))
-    for solver in ("primal", "dual"):
-        model = br.fit_ridge(x, y, lam, solver=solver)
-        np.testing.assert_allclose(model.weight, sk.coef_.T, rtol=2e-3, atol=2e-4)
-        np.testing.assert_allclose(model.bias, sk.intercept_, rtol=2e-3, atol=2e-3)
-    with pytest.raises(ValueError, match="dual solver needs lam > 0"):
-        br.fit_ridge(x, y, 0.0, solver="dual")
+def test_fit_ridge_matches_sklearn_over_and_underdetermined():
+    for n, d in ((60, 40), (30, 100)):  # N >= D and N < D (the former primal / dual cases)
+        x, y, _, _ = _linear_data(n, d, noise=0.5, seed=2)
+        lam = 7.0
+        sk = SkRidge(alpha=lam, fit_intercept=True).fit(x.astype(np.float64), y.astype(np.float64))
+        model = ridge.fit_ridge(x, y, lam)
+        np.testing.assert_allclose(model.coef, sk.coef_.T, rtol=2e-3, atol=2e-4)
+        np.testing.assert_allclose(model.intercept, sk.intercept_, rtol=2e-3, atol=2e-3)
 
 
-def test_dual_interpolates_when_underdetermined():
+def test_ridge_interpolates_when_underdetermined():
     # N < D, tiny λ: the minimum-norm solution fits every training example.
     x, y, _, _ = _linear_data(30, 100, noise=1.0, seed=3)
-    model = br.fit_ridge(x, y, 1e-4)
-    np.testing.assert_allclose(br.predict_ridge(model, x), y, atol=5e-3)
-
-
-@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-def test_fit_ridge_sharded_over_mesh_equals_single_device(axis_type):
-    assert jax.device_count() >= 4  # conftest gives 4 CPU devices
-    kind = getattr(jax.sharding.AxisType, axis_type)
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(kind,))
-    x, y, _, _ = _linear_data(203, 16, noise=0.3, seed=4)  # 203: not a multiple of 4 (padding)
-    ref = br.fit_ridge(x, y, 2.0)
-    sharded = br.fit_ridge(x, y, 2.0, mesh=mesh)
-    np.testing.assert_allclose(sharded.weight, ref.weight, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(sharded.bias, ref.bias, rtol=1e-4, atol=1e-5)
+    model = ridge.fit_ridge(x, y, 1e-4)
+    np.testing.assert_allclose(model.predict(x), y, atol=5e-3)
 
 
 def test_ridge_path_equals_fit_ridge_per_lambda():
     x, y, _, _ = _linear_data(80, 30, noise=0.5, seed=5)
     x_eval = x[:10] + 0.1
-    lams = np.array([0.1, 3.0, 100.0], np.float32)
-    path = br.ridge_path(jnp.asarray(x), jnp.asarray(y), jnp.asarray(x_eval), jnp.asarray(lams))
+    lams = np.array([0.1, 3.0, 100.0])
+    path = ridge.ridge_path(x, y, x_eval, lams)
     assert path.shape == (3, 10, 4)
     for i, lam in enumerate(lams):
-        want = br.predict_ridge(br.fit_ridge(x, y, float(lam)), x_eval)
+        want = ridge.fit_ridge(x, y, float(lam)).predict(x_eval)
         np.testing.assert_allclose(path[i], want, rtol=1e-3, atol=1e-3)
 
 
@@ -148,16 +140,17 @@ def test_cv_lambda_near_bayes_optimal_on_synthetic():
     w = (tau * rng.normal(size=(d, 4))).astype(np.float32)
     y = (x @ w + sigma * rng.normal(size=(n, 4))).astype(np.float32)
     lams = 10.0 ** np.arange(-3, 5.01, 0.25)
-    cv = br.cross_validate_ridge(x, y, lams, n_folds=5, seed=0)
-    assert 25 / 8 <= cv.best_lambda <= 25 * 8, cv.best_lambda
-    assert cv.fold_scores.shape == (5, lams.size)
-    np.testing.assert_allclose(cv.scores.max(), cv.best_score)
+    cv = ridge.fit_ridge_cv(x, y, lams, cv=5, seed=0)  # what fit_box_regressor calls
+    assert 25 / 8 <= cv.alpha <= 25 * 8, cv.alpha
+    assert cv.cv_scores.shape == (lams.size,)
+    np.testing.assert_allclose(cv.cv_scores.max(), cv.cv_scores[lams == cv.alpha][0])
     # The CV curve is not flat: the extremes are clearly worse than the optimum.
-    assert cv.scores[0] < cv.best_score - 0.05 and cv.scores[-1] < cv.best_score - 0.005
+    best = cv.cv_scores.max()
+    assert cv.cv_scores[0] < best - 0.05 and cv.cv_scores[-1] < best - 0.005
     # Noiseless data: the smallest λ wins.
     x2, y2, _, _ = _linear_data(120, 10, seed=7)
-    cv2 = br.cross_validate_ridge(x2, y2, lams, n_folds=4, seed=0)
-    assert cv2.best_lambda == lams[0]
+    cv2 = ridge.fit_ridge_cv(x2, y2, lams, cv=4, seed=0)
+    assert cv2.alpha == lams[0]
 
 
 def test_lambda_grid_is_scale_free():
@@ -182,7 +175,7 @@ def test_iou_and_corloc_scorers_hand_computed():
     want[1, 1] = 0.16 / 0.24  # repaired [0.2, 0, 0.6, 0.6] vs [0.2, 0.2, 0.6, 0.6]
     np.testing.assert_allclose(br.iou_score(pred, target), want, rtol=1e-12)
     np.testing.assert_array_equal(br.corloc_score(pred, target), want >= 0.5)
-    np.testing.assert_allclose(br.neg_mse(pred[:1], target)[0], [-0.125, 0.0])
+    np.testing.assert_allclose(br.SCORERS["mse"](pred[:1], target)[0], [-0.125, 0.0])
 
 
 # ----------------------------------------------------------------------------- maps -> boxes
@@ -209,10 +202,8 @@ def test_box_regressor_recovers_exactly_linear_boxes():
     maps, boxes = _corner_dot_maps(400, size=12, seed=0)
     sizes = np.tile([[120, 180]], (400, 1))  # (H, W): images 10x / 15x the 12x12 map
     img_boxes = boxes * np.array([15, 10, 15, 10])
-    reg, cv = br.fit_box_regressor(
-        maps[:300], img_boxes[:300], sizes[:300], pool_size=12, norm="none"
-    )
-    assert cv is not None and cv.best_lambda == min(cv.lambdas)  # noiseless: least shrinkage
+    reg = br.fit_box_regressor(maps[:300], img_boxes[:300], sizes[:300], pool_size=12, norm="none")
+    assert reg.ridge.alpha == min(reg.ridge.alphas)  # noiseless: least shrinkage
     pred = br.predict_boxes(reg, maps[300:], sizes[300:])
     # Every dot position occurs in training, so test boxes come out (nearly) exactly:
     # within 1% of a map pixel (0.15 / 0.1 image pixels) on average.

@@ -11,16 +11,19 @@ from scipy import ndimage
 from fgloc.localize.boxes import (
     _label,
     boxes_from_maps,
+    boxes_in_image,
     cam_boxes_released,
     connected_components,
+    map_boxes,
     scale_boxes,
 )
 
 RNG = np.random.default_rng(0)
 
 
-def _scipy_rank_labels(mask):
-    return _label(mask)  # 4-connectivity, raster-order numbering
+def _scipy_rank_labels(mask, connectivity=4):
+    """scipy's labels (raster-order numbering) with 4 or 8 neighbours."""
+    return _label(mask, ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2))
 
 
 def _our_rank_labels(labels):
@@ -31,11 +34,11 @@ def _our_rank_labels(labels):
     return out
 
 
-def _reference_box(m, threshold):
+def _reference_box(m, threshold, connectivity=4):
     mask = m > threshold * m.max()
     if not mask.any():
         return np.array([0, 0, m.shape[1], m.shape[0]], np.float32)
-    lab = _label(mask)
+    lab = _scipy_rank_labels(mask, connectivity)
     best = np.argmax(np.bincount(lab.ravel())[1:]) + 1  # first (lowest label) among ties
     ys, xs = np.nonzero(lab == best)
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
@@ -65,35 +68,94 @@ def _snake(h, w):
     return m
 
 
-def test_components_match_scipy_on_random_masks():
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_components_match_scipy_on_random_masks(connectivity):
     masks = np.concatenate(
-        [RNG.random((6, 23, 31)) < p for p in (0.3, 0.5, 0.6, 0.75)]
-    )  # around the percolation threshold: many odd shapes
-    labels = np.asarray(connected_components(jnp.asarray(masks)))
+        [RNG.random((6, 23, 31)) < p for p in (0.2, 0.3, 0.5, 0.6, 0.75)]
+    )  # around the percolation thresholds of both connectivities: many odd shapes
+    labels = np.asarray(connected_components(jnp.asarray(masks), connectivity))
     for m, lab in zip(masks, labels, strict=True):
-        np.testing.assert_array_equal(_our_rank_labels(lab), _scipy_rank_labels(m))
+        np.testing.assert_array_equal(_our_rank_labels(lab), _scipy_rank_labels(m, connectivity))
         assert np.all(lab[~m] == -1)
 
 
-def test_components_snake_and_spiral():
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_components_snake_and_spiral(connectivity):
     snake = _snake(41, 41)
     spiral = _spiral(41)  # one 882-pixel path
-    masks = np.stack([snake, spiral, np.ones((41, 41), bool), np.zeros((41, 41), bool)])
-    labels = np.asarray(connected_components(jnp.asarray(masks)))
+    stairs = np.eye(41, dtype=bool) | np.eye(41, k=3, dtype=bool)  # two diagonal chains
+    masks = np.stack([snake, spiral, stairs, np.ones((41, 41), bool), np.zeros((41, 41), bool)])
+    labels = np.asarray(connected_components(jnp.asarray(masks), connectivity))
     for m, lab in zip(masks, labels, strict=True):
-        np.testing.assert_array_equal(_our_rank_labels(lab), _scipy_rank_labels(m))
+        np.testing.assert_array_equal(_our_rank_labels(lab), _scipy_rank_labels(m, connectivity))
     assert np.all(labels[0][snake] == 0)  # one component, labelled by its first pixel
     assert np.all(labels[1][spiral] == 0)
+    n_stairs = len(np.unique(labels[2][stairs]))
+    assert n_stairs == (2 if connectivity == 8 else int(stairs.sum()))
 
 
-def test_boxes_match_scipy_reference_on_random_maps():
+def test_connectivity_4_vs_8_on_diagonal_pixels():
+    """Hand case: a 3-pixel diagonal and a 2-pixel horizontal bar. With 4 neighbours the
+    diagonal is three singletons and the bar (2 px) is largest; with 8 it is one 3-px
+    component that wins. The same on device, on host, and through boxes_in_image."""
+    m = np.zeros((6, 7), np.float32)
+    m[1, 1] = m[2, 2] = m[3, 3] = 1.0  # diagonal, box [1, 1, 4, 4] when connected
+    m[5, 4:6] = 1.0  # bar, box [4, 5, 6, 6]
+    lab4 = np.asarray(connected_components(jnp.asarray(m[None] > 0), 4))[0]
+    lab8 = np.asarray(connected_components(jnp.asarray(m[None] > 0), 8))[0]
+    assert sorted(np.unique(lab4[lab4 >= 0]).tolist()) == [8, 16, 24, 39]  # flat first pixels
+    assert sorted(np.unique(lab8[lab8 >= 0]).tolist()) == [8, 39]
+    for conn, want in ((4, [4, 5, 6, 6]), (8, [1, 1, 4, 4])):
+        got = np.asarray(boxes_from_maps(jnp.asarray(m[None]), 0.5, connectivity=conn))
+        np.testing.assert_array_equal(got, [want])
+        boxes, t_idx = map_boxes(m, [0.5], rule="largest", connectivity=conn)
+        np.testing.assert_array_equal(boxes, [want])
+        np.testing.assert_array_equal(t_idx, [0])
+        np.testing.assert_array_equal(
+            boxes_in_image(m[None], [[6, 7]], 0.5, connectivity=conn), [want]
+        )
+    boxes, _ = map_boxes(m, [0.5], rule="all", connectivity=4)
+    np.testing.assert_array_equal(
+        boxes, [[1, 1, 2, 2], [2, 2, 3, 3], [3, 3, 4, 4], [4, 5, 6, 6]]
+    )  # raster order of first pixels
+    boxes, _ = map_boxes(m, [0.5], rule="all", connectivity=8)
+    np.testing.assert_array_equal(boxes, [[1, 1, 4, 4], [4, 5, 6, 6]])
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+        boxes_from_maps(jnp.asarray(m[None]), connectivity=6)
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+        map_boxes(m, [0.5], connectivity=6)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_boxes_match_scipy_reference_on_random_maps(connectivity):
     noise = RNG.normal(size=(24, 28, 36))
     maps = np.stack([ndimage.gaussian_filter(n, 1.5) for n in noise]).astype(np.float32)
     maps[:4] = RNG.random((4, 28, 36))  # plus a few rough maps with many small components
     for threshold in (0.2, 0.5):
-        ours = np.asarray(boxes_from_maps(jnp.asarray(maps), threshold))
-        ref = np.stack([_reference_box(m, threshold) for m in maps])
+        ours = np.asarray(boxes_from_maps(jnp.asarray(maps), threshold, connectivity=connectivity))
+        ref = np.stack([_reference_box(m, threshold, connectivity) for m in maps])
         np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_device_and_host_paths_give_the_same_boxes(connectivity):
+    """boxes_from_maps (device) == map_boxes / boxes_in_image (host) on every map, exactly:
+    the same rule, ties and float32 comparison, a threshold grid in one labelling."""
+    noise = RNG.normal(size=(20, 17, 23))
+    maps = np.stack([ndimage.gaussian_filter(n, 1.0) for n in noise]).astype(np.float32)
+    maps[:5] = RNG.random((5, 17, 23)).astype(np.float32) ** 3  # rough: many ties, specks
+    grid = (0.05, 0.2, 0.35, 0.5, 0.8)
+    host = boxes_in_image(maps, [[17, 23]] * 20, grid, connectivity=connectivity)
+    assert host.shape == (20, 5, 4)
+    on_device = jax.jit(lambda m, t: boxes_from_maps(m, t, connectivity=connectivity))
+    for j, t in enumerate(grid):
+        device = np.asarray(on_device(jnp.asarray(maps), t))
+        np.testing.assert_array_equal(host[:, j], device)
+        one = boxes_in_image(maps, [[17, 23]] * 20, t, connectivity=connectivity)
+        np.testing.assert_array_equal(one, device)
+        for m, d in zip(maps, device, strict=True):
+            boxes, _ = map_boxes(m, [np.float32(t) * m.max()], connectivity=connectivity)
+            np.testing.assert_array_equal(boxes[0], d)
 
 
 def test_boxes_hand_cases_ties_and_empty():
@@ -178,3 +240,36 @@ def test_released_hole_border_and_edge_clamp():
     assert cam_boxes_released(-np.ones((10, 10))).shape == (0, 4)
     with pytest.raises(ValueError, match="heatmap"):
         cam_boxes_released(np.zeros((2, 10, 10)))
+
+
+def test_boxes_in_image_upsamples_scales_and_falls_back_to_the_whole_image():
+    m = np.zeros((3, 8, 8), np.float32)
+    m[0, 2:4, 4:7] = 1.0  # rows 2..3, cols 4..6
+    m[0, 7, 0] = 0.9  # a smaller separate blob
+    m[2] = -1.0  # no foreground
+    sizes = np.array([[16, 32], [10, 10], [30, 20]])  # (H, W): x scales by W / 8, y by H / 8
+    boxes = boxes_in_image(m, sizes, 0.5)
+    np.testing.assert_allclose(boxes[0], [16, 4, 28, 8])
+    np.testing.assert_allclose(boxes[1:], [[0, 0, 10, 10], [0, 0, 20, 30]])  # whole images
+    # Upsampled to 16 x 16 first (bilinear): the same blob, in image pixels again.
+    up = boxes_in_image(m[:1], sizes[:1], 0.5, map_size=16)
+    np.testing.assert_allclose(up, [[16, 4, 28, 8]], atol=2.0)
+    with pytest.raises(ValueError, match="rule 'largest' or 'released'"):
+        boxes_in_image(m, sizes, rule="all")
+    with pytest.raises(ValueError, match="3 maps but 1 image sizes"):
+        boxes_in_image(m, sizes[:1])
+
+
+def test_boxes_in_image_released_rule_is_the_first_released_box():
+    m = np.zeros((2, 64, 64), np.float32)
+    m[0, 8:40, 8:40] = 1.0  # 32x32 square: the biggest contour
+    m[0, 50:58, 50:58] = 1.0
+    boxes = boxes_in_image(m, [[128, 64], [64, 64]], rule="released")
+    first = cam_boxes_released(m[0])[0]
+    np.testing.assert_allclose(boxes[0], first * [1, 2, 1, 2])  # y scaled by 128 / 64
+    np.testing.assert_allclose(boxes[1], [0, 0, 64, 64])  # no box: the whole image
+    got, idx = map_boxes(m[0], (20, 100, 110), rule="released")
+    np.testing.assert_array_equal(got, cam_boxes_released(m[0], (20, 100, 110)))
+    assert np.all(idx == 0)
+    with pytest.raises(ValueError, match="8-connected"):
+        map_boxes(m[0], (20, 100, 110), rule="released", connectivity=4)

@@ -710,7 +710,7 @@ def test_converted_caffe_net_as_pretrained_backbone(tmp_path):
     ex = P.CentreExtractor(pre, "conv2", centre="argmax", input_size=24, chunk_size=6)
     centres = np.asarray(ex(np.full((2, 24, 24, 3), 100.0, np.float32)))
     assert centres.shape == (2, 6, 2) and ex.n_channels == 6
-    assert E._net(f"caffe={npz}") is E._net(f"caffe={npz}")
+    assert E._net("caffe", str(npz)) is E._net("caffe", str(npz))
     assert "/" not in E._slug(f"caffe={npz}:pool5:227:gradient")
     with pytest.raises(ValueError, match="needs weights=PATH"):
         fgloc.pretrained("caffe")
@@ -726,13 +726,19 @@ def test_part_discovery_runs_on_a_converted_caffe_net(cub_dir, tmp_path):
     layers = tiny_layers()
     proto, caffemodel = write_files(tmp_path, layers, TINY_INPUT, random_blobs(layers, seed=3))
     npz = C.main_convert(proto, caffemodel, tmp_path / "tiny.npz")
-    cand = f"caffe={npz}:conv2:32:gradient"
-    argv = ["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path / "w")]
-    argv += ["--preset", "smoke", f"--config.candidates=('{cand}',)"]
-    argv += [f"--config.paper_candidate={cand}", "--config.cv_only=()", "--config.classify=False"]
-    argv += ["--config.max_channels=0", "--config.num_figure=0", f"--config.limits=('{cand}=4,2',)"]
-    m = common.main(E.get_config, E.run, argv=argv)
-    assert m["backbone"] == f"caffe={npz}" and m["layer"] == "conv2"
+    config = str(common.CONFIG_DIR / "part_discovery_cub.py") + ":paper_caffenet"
+    argv = ["--config", config, "--workdir", str(tmp_path / "w"), "--data_dir", str(cub_dir.parent)]
+    cand = "--config.candidates.caffenet"
+    argv += [f"--config.caffe_weights={npz}", f"{cand}.layer=conv2", f"{cand}.input_size=32"]
+    argv += [
+        f"{cand}.n_train=4",
+        f"{cand}.n_test=2",
+        "--config.gmm_iters=3",
+        "--config.num_figure=0",
+    ]
+    m = common.main(E.run, argv)
+    assert m["backbone"] == "caffe" and m["weights"] == str(npz) and m["layer"] == "conv2"
+    assert m["candidates.caffenet"] == f"caffe={npz}:conv2:32:gradient"
     assert m["configs.paper_gmm.n_test"] == 2
     assert 0.0 < m["norm_part_error_bbox"] < 1.0
-    assert 0.0 < m[f"train_oracle.{cand}.gmm"] < 1.0
+    assert 0.0 < m["train_oracle.caffenet.gmm"] < 1.0

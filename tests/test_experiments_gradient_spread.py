@@ -43,18 +43,35 @@ def test_gate_log_follows_the_block_layout():
         G.gate_stats(pre, "block3", x)
 
 
+def test_presets():
+    from experiments.configs import gradient_spread as C
+
+    default = C.get_config()
+    assert [(c.backbone, c.layer, c.input_size) for c in default.candidates.values()] == [
+        ("alexnet_lpips", "pool5", 227),
+        ("efficientnet_lite0", "stage4", 224),
+        ("efficientnet_lite0", "stage5", 224),
+        ("efficientnet_lite0", "stage6", 224),
+        ("efficientnet_lite0", "stage6", 320),
+    ]
+    assert (default.n_map_images, default.n_gate_images) == (4, 16)
+    with pytest.raises(ValueError, match="unknown preset"):
+        C.get_config("huge")
+
+
 def test_smoke_run_on_real_cub(cub_dir, tmp_path):
     from experiments import common
+    from experiments.configs import gradient_spread as C
 
-    common.main(
-        G.get_config,
-        G.run,
-        argv=["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path), "--preset", "smoke"],
-    )
+    config = str(common.CONFIG_DIR / "gradient_spread.py") + ":smoke"
+    argv = ["--config", config, "--workdir", str(tmp_path), "--data_dir", str(cub_dir.parent)]
+    common.main(G.run, argv)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    for cand in list(G.get_config("smoke").candidates):
+    names: list[str] = list(C.get_config("smoke").candidates.keys())
+    for cand in names:
         assert 0.0 < m[f"{cand}.participation_ratio"] <= 1.0
         assert 0.0 <= m[f"{cand}.displacement"] < 1.5
         assert 0.0 < m[f"{cand}.gates.zero"] < 1.0
-    assert 0.0 <= m["efficientnet_lite0:stage6:64.gates.saturated"] < 1.0
-    assert m["efficientnet_lite0:stage6:64.identity_skips"] > 0
+    assert m["candidates.lite0_stage6_64"] == "efficientnet_lite0:stage6:64"
+    assert 0.0 <= m["lite0_stage6_64.gates.saturated"] < 1.0
+    assert m["lite0_stage6_64.identity_skips"] > 0

@@ -1,4 +1,4 @@
-"""Tests for experiments/part_discovery_cub.py (paper 1 on CUB): helpers and a real-data smoke run."""
+"""Tests for experiments/part_discovery_cub.py (paper 1 on CUB): configs, helpers, a smoke run."""
 
 from __future__ import annotations
 
@@ -7,20 +7,60 @@ import json
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import part_discovery_cub as E
+from experiments.configs import part_discovery_cub as C
+
+CONFIG = str(common.CONFIG_DIR / "part_discovery_cub.py")
 
 
-def test_configs_and_candidate_parsing():
-    default, smoke = E.get_config(), E.get_config("smoke")
-    assert default.paper_candidate in default.candidates
-    assert smoke.paper_candidate in smoke.candidates
-    assert E._parse_candidate("alexnet_lpips:pool5:227:gradient") == (
-        "alexnet_lpips", "pool5", 227, "gradient",
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="backbone:layer:input_size:map_type"):
-        E._parse_candidate("alexnet_lpips:pool5")
+def test_presets_are_structured_and_complete():
+    for name in C.PRESETS:
+        c = C.get_config(name)
+        assert c.paper_candidate in c.candidates, name
+        for cand in c.candidates.values():
+            assert set(cand) >= {"backbone", "layer", "input_size", "map_type", "n_train"}
+    assert C.get_config(None).to_dict() == C.get_config("default").to_dict()
+    paper = C.get_config("paper_alexnet_gradient")
+    cand = paper.candidates.alexnet_grad
+    assert E.describe(cand) == "alexnet_lpips:pool5:227:gradient"
+    assert (cand.n_train, cand.n_test, cand.top_m, cand.ridge) == (400, 0, (1,), False)
+    assert paper.selections == ("paper",) and not paper.classification.enabled
+    assert paper.only_evals == ("paper_gmm", "paper_maxg")
+    for preset, n in (("paper_alexnet_gradient_160", 160), ("paper_alexnet_gradient_40", 40)):
+        fewer = C.get_config(preset)
+        assert fewer.candidates.alexnet_grad.n_train == n
+        fewer.candidates.alexnet_grad.n_train = 400
+        assert fewer.to_dict() == paper.to_dict(), preset  # nothing else differs
+    ff = C.get_config("paper_alexnet_gradient_fullframe")
+    assert ff.full_frame_fit and ff.candidates.alexnet_grad.n_train == 160
+    types = C.get_config("lite0_map_types")
+    assert [c.map_type for c in types.candidates.values()] == [
+        "activation", "gradient", "gradient_relu",
+    ]  # fmt: skip
+    assert [c.cv_only for c in types.candidates.values()] == [False, True, True]
+    assert all(c.n_train == 60 for c in types.candidates.values())
+    caffe = C.get_config("paper_caffenet").candidates.caffenet
+    assert (caffe.backbone, caffe.weights) == ("caffe", "")  # the user names the file
+    caffe.weights = "W/c.npz"
+    assert E.describe(caffe) == "caffe=W/c.npz:pool5:227:gradient"
     with pytest.raises(ValueError, match="unknown preset"):
-        E.get_config("huge")
+        C.get_config("huge")
+
+
+def test_command_line_overrides_a_candidate_field(tmp_path):
+    argv = ["--config", f"{CONFIG}:paper_alexnet_gradient", "--workdir", str(tmp_path)]
+    argv += ["--config.candidates.alexnet_grad.n_train=160"]
+    config, _, _ = common.parse_args(E.run, argv)
+    assert config.candidates.alexnet_grad.n_train == 160
+    with pytest.raises(SystemExit):
+        common.parse_args(E.run, [*argv[:4], "--config.candidates.alexnet_grad.n_trian=1"])
+
+
+def test_caffe_candidate_without_weights_names_the_field(cub_dir, tmp_path):
+    c = C.get_config("paper_caffenet")
+    with pytest.raises(ValueError, match=r"--config\.caffe_weights=PATH\.npz"):
+        E.run(c, cub_dir.parent, tmp_path)
 
 
 def test_mean_position_baseline_by_hand():
@@ -41,43 +81,33 @@ def test_patch_regions_side_and_clipping():
     np.testing.assert_allclose(r[0, 1], [0, 10, 30, 40])  # shifted inside the image
 
 
-def test_predict_averages_the_m_best_channels():
-    centres = np.arange(2 * 4 * 2, dtype=np.float32).reshape(2, 4, 2)
-    chans = np.array([[0, 2], [3, 3]])
-    out = E._predict(centres, chans)
-    np.testing.assert_allclose(out[:, 0], (centres[:, 0] + centres[:, 2]) / 2)
-    np.testing.assert_allclose(out[:, 1], centres[:, 3])
-
-
 @pytest.mark.slow
 @pytest.mark.real_data
 def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
-    from experiments import common
     from fgloc.data.cub import read_cub
+    from fgloc.localize import parts as P
     from fgloc.metrics import normalized_part_error
 
-    metrics = common.main(
-        E.get_config,
-        E.run,
-        argv=["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path), "--preset", "smoke"],
-    )
+    argv = ["--config", f"{CONFIG}:smoke", "--workdir", str(tmp_path)]
+    argv += ["--data_dir", str(cub_dir.parent)]
+    metrics = common.main(E.run, argv)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in (
         "norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox",
         "cls_acc_est_parts_bbox", "cls_acc_est_parts_full", "cls_acc_gt_parts_full",
         "cls_acc_global_only", "n_images", "backbone", "layer", "seconds",
         "per_part.beak", "channel.beak", "configs.paper_gmm.norm_part_error_bbox",
-        "baseline.mean_position", "baseline.box_centre", "channel_full.beak",
-        "train_oracle_full.alexnet_lpips:pool5:67:gradient.gmm",
+        "baseline.mean_position", "baseline.box_centre", "train_oracle_full.alexnet_grad.gmm",
     ):  # fmt: skip
         assert key in saved, key
     for key in ("norm_part_error_bbox", "norm_part_error_full", "norm_part_error_maxg_bbox"):
         assert 0.0 < saved[key] < 1.0
+    assert saved["candidates.alexnet_grad"] == "alexnet_lpips:pool5:67:gradient"
     # The one-channel floor, recomputed by brute force from the cached training centres.
-    cand = "alexnet_lpips:pool5:67:gradient"
     ann = read_cub(cub_dir)
-    with np.load(tmp_path / "cache" / f"train_{E._slug(cand)}.cells.npz") as cache:
-        rows, cent = cache["rows"], cache["values"]  # (N,), (N, K, 3, 2)
+    cache = tmp_path / "cache" / "train_alexnet_lpips_pool5_67_gradient.cells.npz"
+    with np.load(cache) as data:
+        rows, cent = data["rows"], data["values"]  # (N,), (N, K, 3, 2)
     diag = np.hypot(*(ann.boxes[rows, 2:] - ann.boxes[rows, :2]).T)
     for ci, c in enumerate(("gmm", "argmax", "mass")):
         floors = []
@@ -86,13 +116,11 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
             if vis.any():
                 d = np.linalg.norm(cent[vis, :, ci] - ann.parts[rows[vis], None, p], axis=-1)
                 floors.append(min((d / diag[vis, None]).mean(axis=0)))
-        assert saved[f"train_oracle.{cand}.{c}"] == pytest.approx(np.mean(floors), rel=1e-5)
+        assert saved[f"train_oracle.alexnet_grad.{c}"] == pytest.approx(np.mean(floors), rel=1e-5)
     # the rectified-gradient candidate is scored by cross-validation on the training images only
-    relu_cv = saved["train_cv.efficientnet_lite0:stage6:64:gradient_relu.gmm.paper.m1"]
+    relu_cv = saved["train_cv.lite0_grad_relu.gmm.paper.m1"]
     assert 0.0 < relu_cv < 1.0
-    assert not any(
-        k.startswith("configs.efficientnet_lite0:stage6:64:gradient_relu") for k in saved
-    )
+    assert not any(k.startswith("configs.lite0_grad_relu") for k in saved)
     assert 0.0 <= saved["cls_acc_global_only"] <= 1.0
     assert (tmp_path / "fig2_parts.png").is_file()
     # The box-centre baseline, recomputed independently on every test image.
@@ -102,16 +130,24 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     _, want = normalized_part_error(pred, ann.parts[te], ann.visible[te], ann.boxes[te])
     assert saved["baseline.box_centre"] == pytest.approx(want, rel=1e-6)
     assert metrics["n_test"] == int(te.sum())
+    # README relation (Paper 1 table): the learned (ridge) default detector lies below the
+    # box-centre baseline on its own test images, with and without the box.
+    assert saved["default.selection"] == "ridge", saved["default.candidate"]
+    base = saved["baseline.box_centre_default_test"]
+    assert saved["norm_part_error_bbox"] < base - 0.02, (saved["norm_part_error_bbox"], base)
+    assert saved["norm_part_error_full"] < base - 0.02, (saved["norm_part_error_full"], base)
+    # The saved default detector reproduces the run's test predictions from the cached centres.
+    det = P.PartDetector.load(tmp_path / "detector")
+    assert (det.backbone, det.layer, det.input_size, det.map_type, det.centre) == (
+        "efficientnet_lite0", "stage6", 128, "activation", saved["default.centre"],
+    )  # fmt: skip
+    assert det.box.kind == "ridge" and det.full is not None
 
     # A second run over the same workdir reuses every cached centre and reproduces the numbers.
     def no_compute(*args, **kwargs):
         raise AssertionError("centres recomputed although cached")
 
     monkeypatch.setattr(E.P, "compute_centres", no_compute)
-    again = common.main(
-        E.get_config,
-        E.run,
-        argv=["--data_dir", str(cub_dir.parent), "--workdir", str(tmp_path), "--preset", "smoke"],
-    )
+    again = common.main(E.run, argv)
     for key in ("norm_part_error_bbox", "norm_part_error_full", "cls_acc_est_parts_bbox"):
         assert again[key] == metrics[key], key

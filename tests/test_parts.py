@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fgloc.data.pipeline import crop_resize
 from fgloc.localize import parts as P
 
 
@@ -176,7 +177,7 @@ def test_to_image_coords_and_crop_resize_roundtrip():
     img = np.zeros((50, 80, 3), np.uint8)
     img[30, 60] = 255  # a bright pixel, centre (60.5, 30.5)
     region = [40.2, 10.0, 79.6, 49.5]  # rounded outwards to [40, 10, 80, 50]
-    px, used = P.crop_resize(img, region, 40)
+    px, used = crop_resize(img, region, 40)
     np.testing.assert_array_equal(used, [40, 10, 80, 50])
     assert px.shape == (40, 40, 3) and px.dtype == np.float32
     uv = np.asarray(P.argmax_centres(jnp.asarray(px[..., 0])))
@@ -187,20 +188,32 @@ def test_to_image_coords_and_crop_resize_roundtrip():
         [20.0, 20.0],
     )
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        P.crop_resize(np.zeros((5, 5)), None, 4)
+        crop_resize(np.zeros((5, 5)), None, 4)
 
 
 # ------------------------------------------------------------------------------ the detector
 class _Tiny(nn.Module):
-    """Conv-only 'network' whose layer ``"id"`` is the input itself (channel k = colour k)."""
+    """Conv-only 'network' whose layer ``"id"`` is the input itself (channel k = colour k).
+
+    Follows the model contract: ``features(x, train, stop_at)`` stops after ``stop_at``.
+    """
 
     @nn.compact
-    def features(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def features(
+        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        del train
+        inter = {"id": x}
+        if stop_at == "id":
+            return x, inter
+        inter["sq"] = x * x
+        if stop_at not in (None, "sq"):
+            raise KeyError(f"_Tiny has no layer {stop_at!r}; its layers: ['id', 'sq']")
         y = nn.Dense(1, name="unused")(x)
-        return y, {"id": x, "sq": x * x}
+        return y, inter
 
-    def __call__(self, x: jax.Array) -> tuple[None, dict[str, jax.Array]]:
-        return None, self.features(x)[1]
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[None, dict[str, jax.Array]]:
+        return None, self.features(x, train)[1]
 
 
 class _FakePretrained(NamedTuple):
@@ -246,20 +259,137 @@ def test_part_detector_fit_save_load_predict(tmp_path, centre):
         backbone="fake", layer="id", map_type="activation", centre=centre, input_size=32,
         gmm_pool=1,
     )  # fmt: skip
-    np.testing.assert_array_equal(det.channels, [0, 2])  # red -> R channel, blue -> B channel
+    np.testing.assert_array_equal(det.box.channels, [[0], [2]])  # red -> R, blue -> B channel
     det.save(tmp_path)
     det2 = P.PartDetector.load(tmp_path)
-    np.testing.assert_array_equal(det2.channels, det.channels)
-    np.testing.assert_allclose(det2.costs, det.costs)
+    np.testing.assert_array_equal(det2.box.channels, det.box.channels)
+    np.testing.assert_allclose(det2.box.costs, det.box.costs)
     assert det2.part_names == ("red", "blue") and det2.centre == centre
-    np.testing.assert_array_equal(det2.unique_channels, [0, 2])
+    assert (det2.backbone, det2.layer, det2.input_size, det2.map_type) == (
+        "fake", "id", 32, "activation",
+    )  # fmt: skip
+    np.testing.assert_array_equal(det2.used_channels("box"), [0, 2])
+    assert det2.full is None  # full images use the box read-out
     # Test images: full image and box-restricted; the box around both dots.
-    pred_full = det2.predict(imgs[4:], pretrained=pre, batch_size=2)
+    pred_full = det2.predict_images(pre, imgs[4:], batch_size=2)
     # A 5-pixel dot in a 60-90 px image resized to 32 px (one input pixel ≈ 2.5 image pixels).
     np.testing.assert_allclose(pred_full, xy[4:], atol=2.5)
     tb = np.concatenate([xy[4:].min(1) - 6, xy[4:].max(1) + 6], axis=1)
-    pred_box = det2.predict(imgs[4:], boxes=tb, pretrained=pre, batch_size=2)
+    pred_box = det2.predict_images(pre, imgs[4:], boxes=tb, batch_size=2)
     np.testing.assert_allclose(pred_box, xy[4:], atol=2.0)
+
+
+def test_top_m_readout_averages_the_m_best_channels():
+    # 3 channels; part 0 sits at the midpoint of channels 0 and 2, part 1 on channel 1.
+    rng = np.random.default_rng(0)
+    n = 12
+    centres = rng.uniform(0, 100, (n, 3, 2)).astype(np.float32)
+    parts = np.stack([(centres[:, 0] + centres[:, 2]) / 2, centres[:, 1]], 1)
+    visible = np.ones((n, 2), bool)
+    boxes = np.tile(np.array([0, 0, 100, 100], np.float32), (n, 1))
+    costs = np.asarray(P.channel_costs(centres, parts, visible, boxes))
+    ch = P.best_channels(costs, 2)
+    np.testing.assert_array_equal(ch[:, 0], P.select_channels(costs))
+    np.testing.assert_array_equal(ch[1, 0], 1)
+    assert set(ch[0].tolist()) == {0, 2}  # the two channels that bracket part 0
+    r = P.PartReadout.fit(centres, parts, visible, boxes, top_m=2)
+    np.testing.assert_array_equal(r.channels, ch)
+    pred = r.predict(centres)
+    np.testing.assert_allclose(pred[:, 0], parts[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(pred[:, 1], (centres[:, 1] + centres[:, ch[1, 1]]) / 2, rtol=1e-6)
+    # m = 1 is the paper's detector: each part at its single best channel.
+    np.testing.assert_allclose(P.PartReadout.fit(centres, parts, visible, boxes).predict(centres),
+                               P.predict_parts(centres, P.select_channels(costs)))  # fmt: skip
+    # NaN centres and -1 entries are left out of the mean; nothing left -> NaN.
+    c2 = centres.copy()
+    c2[0, 2] = np.nan
+    out = P.predict_parts(c2, np.array([[0, 2], [1, -1], [-1, -1]]))
+    np.testing.assert_allclose(out[0, 0], centres[0, 0])
+    np.testing.assert_allclose(out[:, 1], centres[:, 1])
+    assert np.all(np.isnan(out[:, 2]))
+    inf = np.array([[1.0, np.inf], [0.5, np.inf], [2.0, np.inf]])
+    np.testing.assert_array_equal(P.best_channels(inf, 2), [[1, 0], [-1, -1]])
+    with pytest.raises(ValueError, match="m must be in"):
+        P.best_channels(inf, 4)
+
+
+def test_ridge_readout_and_cross_validation_by_hand():
+    """The ridge read-out recovers parts that are linear in the frame-relative centres; its
+    2-fold CV error equals fitting each half and scoring the other by hand."""
+    from fgloc.metrics import normalized_part_error
+
+    rng = np.random.default_rng(1)
+    n, k = 40, 4
+    boxes = np.concatenate([rng.uniform(0, 50, (n, 2)), rng.uniform(60, 200, (n, 2))], 1)
+    boxes[:, 2:] += boxes[:, :2]
+    wh = boxes[:, 2:] - boxes[:, :2]
+    rel = rng.uniform(0, 1, (n, k, 2))
+    centres = boxes[:, None, :2] + rel * wh[:, None]
+    part_rel = np.stack([0.3 + 0.4 * rel[:, 1], 0.5 * (rel[:, 0] + rel[:, 2])], 1)
+    parts = boxes[:, None, :2] + part_rel * wh[:, None]
+    visible = np.ones((n, 2), bool)
+    r = P.PartReadout.fit(centres, parts, visible, boxes, kind="ridge", alphas=(1e-6, 1.0))
+    np.testing.assert_array_equal(r.used_channels(), np.arange(k))
+    np.testing.assert_allclose(r.predict(centres, boxes), parts, atol=1e-3)
+    np.testing.assert_allclose(r.regression.alpha, [1e-6, 1e-6])  # pyright: ignore[reportOptionalMemberAccess]
+    with pytest.raises(ValueError, match="needs the frames"):
+        r.predict(centres)
+    # Cross-validation: perm of default_rng(seed), folds perm[:n//2] and perm[n//2:].
+    perm = np.random.default_rng(5).permutation(n)
+    folds = [perm[: n // 2], perm[n // 2 :]]
+    preds = np.zeros_like(parts)
+    for a, b in ((0, 1), (1, 0)):
+        fa, fb = folds[a], folds[b]
+        m = P.fit_part_regression(centres[fa], parts[fa], visible[fa], boxes[fa], (0.1, 10.0))
+        preds[fb] = P.predict_part_regression(m, centres[fb], boxes[fb])
+    want = normalized_part_error(preds, parts, visible, boxes)[1]
+    got = P.cross_validate_readout(centres, parts, visible, boxes, seed=5, kind="ridge",
+                                   alphas=(0.1, 10.0))  # fmt: skip
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got < 0.05  # the relation is linear: little error held out
+    with pytest.raises(ValueError, match="n_folds"):
+        P.cross_validate_readout(centres, parts, visible, boxes, n_folds=1)
+
+
+def test_detector_with_full_image_readouts_roundtrips_and_predicts(tmp_path):
+    """A ridge detector with its own full-image read-out (fitted on whole-image centres) and a
+    top-2 channel detector save, load and predict on photos as fitted."""
+    rng = np.random.default_rng(2)
+    pre = _fake_pretrained()
+    imgs, xy = _dot_images(10, rng)
+    hw = np.array([im.shape[:2] for im in imgs], np.float32)
+    boxes = np.concatenate([xy.min(1) - 8, xy.max(1) + 8], axis=1)
+    boxes = np.clip(boxes, 0, np.concatenate([hw[:, ::-1], hw[:, ::-1]], 1))
+    visible = np.ones((10, 2), bool)
+    settings = {"map_type": "activation", "centre": "mass", "input_size": 32}
+    ex = P.CentreExtractor(pre, "id", **settings)
+    c_box = P.compute_centres(ex, imgs[:8], boxes[:8])
+    c_full = P.compute_centres(ex, imgs[:8], None)
+    for readout, top_m in (("ridge", 1), ("channels", 2)):
+        det = P.PartDetector.fit(
+            c_box, xy[:8], visible[:8], boxes[:8], ["red", "blue"], backbone="fake", layer="id",
+            readout=readout, top_m=top_m, full_centres=c_full, image_sizes=hw[:8],
+            alphas=(1e-3, 1.0), **settings,
+        )  # fmt: skip
+        assert det.full is not None and det.full.kind == readout
+        d = det.save(tmp_path / readout)
+        back = P.PartDetector.load(d)
+        assert back.act_grid is None and back.weights is None and back.box.top_m == top_m
+        for frame, bx in (("box", boxes[8:]), ("full", None)):
+            got = back.predict_images(pre, imgs[8:], boxes=bx, batch_size=3)
+            cent = P.compute_centres(ex, imgs[8:], bx)
+            frames = bx if bx is not None else np.array([[0, 0, w, h] for h, w in hw[8:]])
+            want = det.predict_from_centres(cent, frames, frame)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+            assert got.shape == (2, 2, 2) and np.all(np.isfinite(got))
+    with pytest.raises(ValueError, match="needs image_sizes"):
+        P.PartDetector.fit(c_box, xy[:8], visible[:8], boxes[:8], ["r", "b"], backbone="f",
+                           layer="id", readout="ridge", full_centres=c_full)  # fmt: skip
+    with pytest.raises(ValueError, match="boxes must be"):
+        det.predict_images(pre, imgs[8:], boxes=boxes[:1])
+    (tmp_path / "ridge" / "part_detector.json").write_text('{"backbone": "x"}')
+    with pytest.raises(ValueError, match="format-2"):
+        P.PartDetector.load(tmp_path / "ridge")
 
 
 def test_load_missing_file_names_it(tmp_path):

@@ -26,6 +26,7 @@ from fgloc.app.overlays import save_overlay
 from fgloc.data.images import ImageError, load_image
 from fgloc.localize.boxes import boxes_from_maps
 from fgloc.maps import class_activation_maps, resize_maps, sensitivity_maps
+from fgloc.maps.smooth import gaussian_blur
 from fgloc.pretrained import Pretrained
 
 METHODS = ("cam", "sensitivity")
@@ -58,26 +59,6 @@ class Localization:
             "method": self.method,
             "predictions": preds,
         }
-
-
-def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
-    """Separable Gaussian blur of ``(..., H, W)`` maps (zero padding, kernel radius 3σ)."""
-    if sigma <= 0:
-        return maps
-    r = max(1, int(3 * sigma + 0.5))
-    t = jnp.arange(-r, r + 1, dtype=jnp.float32)
-    k = jnp.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
-    x = maps.reshape(-1, h, w, 1)
-    dn = ("NHWC", "HWIO", "NHWC")
-    x = jax.lax.conv_general_dilated(
-        x, k.reshape(-1, 1, 1, 1), (1, 1), "SAME", dimension_numbers=dn
-    )
-    x = jax.lax.conv_general_dilated(
-        x, k.reshape(1, -1, 1, 1), (1, 1), "SAME", dimension_numbers=dn
-    )
-    return x.reshape(*lead, h, w)
 
 
 @functools.partial(

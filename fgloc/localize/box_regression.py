@@ -10,25 +10,17 @@ regulariser, no map resolution, no target parametrisation); the choices made her
   normalised per map (`normalize_maps`: ``"none"``, ``"max"``, ``"sum"``, ``"l2"``);
 * **targets** ``t = (x0/W, y0/H, x1/W, y1/H)``: the box in units of the image size, so one map
   serves any image resolution (`boxes_to_targets` / `targets_to_boxes`);
-* **ridge regression with an unpenalised bias**, closed form::
+* **ridge regression with an unpenalised bias**, `fgloc.localize.ridge` (the one ridge of
+  fgloc: scikit-learn ``Ridge`` in float64)::
 
       min_{W, b}  Σ_i ‖t_i − Wᵀφ_i − b‖² + λ ‖W‖²_F
-      b = t̄ − Wᵀφ̄,   W = (Φ_cᵀΦ_c + λI_D)⁻¹ Φ_cᵀT_c     (primal, D × D; used when N ≥ D)
-                      = Φ_cᵀ(Φ_cΦ_cᵀ + λI_N)⁻¹ T_c      (dual,   N × N; used when N < D)
 
-  with ``Φ_c``, ``T_c`` the centred features and targets (`fit_ridge`). Centring is the
-  closed-form elimination of the bias row of the ``(D+1) × (D+1)`` normal equations. The primal
-  Gram matrix is one ``jit``-ed matmul; with a ``mesh`` the rows are sharded over its devices
-  (``P("data")``, padding rows masked), each device forms its Gram block and `jax.shard_map`
-  ``psum``-s them, so large training sets are fitted on the accelerator(s); the solve is a
-  Cholesky (``assume_a="pos"``) of the ``D × D`` system;
-* **λ by k-fold cross-validation** on the training split (`cross_validate_ridge`): per fold one
-  thin SVD ``Φ_c = U diag(σ) Vᵀ`` gives every λ of the grid at once,
-  ``W(λ) = V diag(σ / (σ² + λ)) Uᵀ T_c``; the folds are padded to one size and ``vmap``-ped,
-  so the whole CV is one jitted call. Folds come from scikit-learn's ``KFold`` with a fixed
-  seed (deterministic). `lambda_grid` scales a unit-free grid by the mean non-zero eigenvalue of
-  ``Φ_cᵀΦ_c`` so the same grid suits any map units. Scores: ``"mse"`` on the normalised
-  coordinates, ``"iou"`` (mean IoU of the repaired box) or ``"corloc"``.
+* **λ by k-fold cross-validation** on the training split (`fgloc.localize.ridge.fit_ridge_cv`
+  with ``cv=n_folds``: scikit-learn ``KFold(shuffle=True)`` with a fixed seed, one thin SVD per
+  fold for the whole grid; mean held-out score over all examples, ties to the larger λ).
+  `lambda_grid` scales a unit-free grid by the mean non-zero eigenvalue of ``Φ_cᵀΦ_c`` so the
+  same grid suits any map units. Scores (`SCORERS`): ``"mse"`` on the normalised coordinates,
+  ``"iou"`` (mean IoU of the repaired box) or ``"corloc"``.
 
 Array conventions: maps ``(N, h, w)`` non-negative; boxes ``[x0, y0, x1, y1]`` pixels, exclusive
 ends, in the image whose size ``(H, W)`` is given alongside; targets ``(N, 4)`` in ``[0, 1]``.
@@ -36,41 +28,33 @@ ends, in the image whose size ``(H, W)`` is given alongside; targets ``(N, 4)`` 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sklearn.model_selection import KFold
 
 from fgloc import metrics
+from fgloc.localize.ridge import RidgeModel, fit_ridge, fit_ridge_cv, neg_mse
 
 __all__ = [
     "NORMS",
     "SCORERS",
     "BoxRegressor",
-    "CVResult",
     "FeatureSearch",
-    "Ridge",
     "boxes_to_targets",
     "corloc_score",
-    "cross_validate_ridge",
     "fit_box_regressor",
-    "fit_ridge",
     "iou_score",
     "kfold_splits",
     "lambda_grid",
     "map_features",
-    "neg_mse",
     "normalize_maps",
     "pool_maps",
     "predict_boxes",
-    "predict_ridge",
-    "ridge_path",
     "search_features",
     "targets_to_boxes",
 ]
@@ -179,165 +163,7 @@ def targets_to_boxes(targets: np.ndarray | jax.Array, image_sizes: np.ndarray) -
     return np.stack([x0 * w, y0 * h, x1 * w, y1 * h], 1)
 
 
-# ----------------------------------------------------------------------------- ridge
-
-
-@struct.dataclass
-class Ridge:
-    """A fitted ridge regressor ``y = x @ weight + bias``: weight ``(D, K)``, bias ``(K,)``."""
-
-    weight: jax.Array
-    bias: jax.Array
-    lam: float = struct.field(pytree_node=False)
-
-
-def predict_ridge(model: Ridge, x: jax.Array | np.ndarray) -> jax.Array:
-    """``(N, D) -> (N, K)`` predictions ``x W + b``."""
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim != 2 or x.shape[1] != model.weight.shape[0]:
-        raise ValueError(f"x must be (N, {model.weight.shape[0]}), got shape {x.shape}")
-    return jnp.matmul(x, model.weight, precision=_HI) + model.bias[None, :]
-
-
-def _check_xy(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray) -> tuple[jax.Array, jax.Array]:
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.float32)
-    if x.ndim != 2:
-        raise ValueError(f"x must be (N, D), got shape {x.shape}")
-    if y.ndim != 2 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must be (N, K) with N = {x.shape[0]}, got shape {y.shape}")
-    if x.shape[0] < 2:
-        raise ValueError(f"need at least 2 examples to fit, got {x.shape[0]}")
-    return x, y
-
-
-def _local_moments(x: jax.Array, y: jax.Array, mask: jax.Array, axis: str | None):
-    """Means and centred Gram blocks over rows with ``mask`` 1; ``psum`` over ``axis`` if set."""
-
-    def total(a: jax.Array) -> jax.Array:
-        return a if axis is None else jax.lax.psum(a, axis)
-
-    n = total(jnp.sum(mask))
-    x_mean = total(jnp.einsum("n,nd->d", mask, x, precision=_HI)) / n
-    y_mean = total(jnp.einsum("n,nk->k", mask, y, precision=_HI)) / n
-    xc = (x - x_mean[None, :]) * mask[:, None]
-    yc = (y - y_mean[None, :]) * mask[:, None]
-    gram = total(jnp.einsum("nd,ne->de", xc, xc, precision=_HI))
-    cross = total(jnp.einsum("nd,nk->dk", xc, yc, precision=_HI))
-    return x_mean, y_mean, gram, cross
-
-
-def _centred_moments(x: jax.Array, y: jax.Array, mesh: Mesh | None):
-    """``(φ̄, t̄, Φ_cᵀΦ_c, Φ_cᵀT_c)``; with a mesh, rows are padded to a multiple of its size,
-    sharded over its first axis and the per-device blocks summed (`jax.shard_map` + ``psum``).
-    """
-    if mesh is None:
-        fn = jax.jit(partial(_local_moments, axis=None))
-        return fn(x, y, jnp.ones(x.shape[0], jnp.float32))
-    axis = mesh.axis_names[0]
-    pad = (-x.shape[0]) % mesh.shape[axis]
-    mask = jnp.concatenate([jnp.ones(x.shape[0], jnp.float32), jnp.zeros(pad, jnp.float32)])
-    x = jnp.pad(x, ((0, pad), (0, 0)))
-    y = jnp.pad(y, ((0, pad), (0, 0)))
-    rows = NamedSharding(mesh, PartitionSpec(axis))
-    x, y, mask = (jax.device_put(a, rows) for a in (x, y, mask))
-    fn = jax.shard_map(
-        partial(_local_moments, axis=axis),
-        mesh=mesh,
-        in_specs=(PartitionSpec(axis), PartitionSpec(axis), PartitionSpec(axis)),
-        out_specs=PartitionSpec(),
-    )
-    return jax.jit(fn)(x, y, mask)
-
-
-@jax.jit
-def _solve_primal(gram: jax.Array, cross: jax.Array, lam: jax.Array) -> jax.Array:
-    eye = jnp.eye(gram.shape[0], dtype=gram.dtype)
-    return jax.scipy.linalg.solve(gram + lam * eye, cross, assume_a="pos")
-
-
-@jax.jit
-def _solve_dual(xc: jax.Array, yc: jax.Array, lam: jax.Array) -> jax.Array:
-    kernel = jnp.einsum("nd,md->nm", xc, xc, precision=_HI)
-    eye = jnp.eye(kernel.shape[0], dtype=kernel.dtype)
-    alpha = jax.scipy.linalg.solve(kernel + lam * eye, yc, assume_a="pos")
-    return jnp.einsum("nd,nk->dk", xc, alpha, precision=_HI)
-
-
-def fit_ridge(
-    x: jax.Array | np.ndarray,
-    y: jax.Array | np.ndarray,
-    lam: float,
-    *,
-    mesh: Mesh | None = None,
-    solver: str = "auto",
-) -> Ridge:
-    """Closed-form ridge regression with an unpenalised bias (see module docstring).
-
-    Args:
-      x: ``(N, D)`` features; y: ``(N, K)`` targets.
-      lam: ``λ ≥ 0`` (``λ > 0`` needed for the dual solver, whose centred kernel has rank
-        ``≤ N − 1``).
-      mesh: optional 1-axis device mesh; the primal Gram matrix is then computed with the rows
-        sharded over its devices (padding rows masked out).
-      solver: ``"primal"`` (``(D, D)`` system), ``"dual"`` (``(N, N)`` system) or ``"auto"``
-        (primal when ``N ≥ D``). The mesh is used by the primal solver only.
-    Returns:
-      `Ridge` with ``weight`` ``(D, K)``, ``bias`` ``(K,)``.
-    """
-    x, y = _check_xy(x, y)
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if solver == "auto":
-        solver = "primal" if x.shape[0] >= x.shape[1] else "dual"
-    lam_arr = jnp.asarray(lam, jnp.float32)
-    if solver == "primal":
-        x_mean, y_mean, gram, cross = _centred_moments(x, y, mesh)
-        weight = _solve_primal(gram, cross, lam_arr)
-    elif solver == "dual":
-        if lam <= 0:
-            raise ValueError("the dual solver needs lam > 0 (the centred kernel is singular)")
-        x_mean, y_mean = jnp.mean(x, axis=0), jnp.mean(y, axis=0)
-        weight = _solve_dual(x - x_mean[None, :], y - y_mean[None, :], lam_arr)
-    else:
-        raise ValueError(f"solver must be 'auto', 'primal' or 'dual', got {solver!r}")
-    bias = y_mean - jnp.matmul(x_mean, weight, precision=_HI)
-    return Ridge(weight=weight, bias=bias, lam=float(lam))
-
-
-def _ridge_path_masked(
-    x_train: jax.Array, y_train: jax.Array, w_train: jax.Array, x_eval: jax.Array, lams: jax.Array
-) -> jax.Array:
-    """`ridge_path` over the training rows with ``w_train`` 1 (rows with 0 are padding)."""
-    n = jnp.sum(w_train)
-    x_mean = jnp.einsum("n,nd->d", w_train, x_train, precision=_HI) / n
-    y_mean = jnp.einsum("n,nk->k", w_train, y_train, precision=_HI) / n
-    xc = (x_train - x_mean[None, :]) * w_train[:, None]  # padding rows -> 0: no effect on SVD
-    yc = (y_train - y_mean[None, :]) * w_train[:, None]
-    u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
-    uty = jnp.matmul(u.T, yc, precision=_HI)  # (r, K)
-    denom = jnp.square(s)[None, :] + lams[:, None]  # (L, r)
-    shrink = jnp.where(denom > 0, s[None, :] / jnp.where(denom > 0, denom, 1.0), 0.0)
-    proj = jnp.matmul(x_eval - x_mean[None, :], vt.T, precision=_HI)  # (M, r)
-    pred = jnp.einsum("mr,lr,rk->lmk", proj, shrink, uty, precision=_HI)
-    return pred + y_mean[None, None, :]
-
-
-@jax.jit
-def ridge_path(
-    x_train: jax.Array, y_train: jax.Array, x_eval: jax.Array, lams: jax.Array
-) -> jax.Array:
-    """Ridge predictions on ``x_eval`` ``(M, D)`` for every λ in ``lams`` ``(L,)``: ``(L, M, K)``.
-
-    One thin SVD of the centred training features, ``Φ_c = U diag(σ) Vᵀ``; then
-    ``ŷ(λ) = (x − φ̄) V diag(σ / (σ² + λ)) Uᵀ T_c + t̄``. Directions with ``σ² + λ = 0`` get 0.
-    """
-    ones = jnp.ones(x_train.shape[0], x_train.dtype)
-    return _ridge_path_masked(x_train, y_train, ones, x_eval, lams)
-
-
-# All folds at once: (F, n_tr, D), (F, n_tr, K), (F, n_tr), (F, n_va, D), (L,) -> (F, L, n_va, K).
-_ridge_path_folds = jax.jit(jax.vmap(_ridge_path_masked, in_axes=(0, 0, 0, 0, None)))
+# ----------------------------------------------------------------------------- λ grid, folds, scores
 
 
 def lambda_grid(x: jax.Array | np.ndarray, alphas: Sequence[float]) -> np.ndarray:
@@ -366,11 +192,6 @@ def kfold_splits(n: int, n_folds: int, seed: int = 0) -> list[tuple[np.ndarray, 
     return [(np.asarray(tr), np.asarray(va)) for tr, va in folds]
 
 
-def neg_mse(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Scorer: ``−mean_k (pred − target)²`` per example, ``(L, n, K), (n, K) -> (L, n)``."""
-    return -np.mean(np.square(pred - target[None]), axis=-1)
-
-
 def iou_score(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Scorer for normalised boxes: IoU of the repaired prediction with the target, ``(L, n)``.
 
@@ -390,16 +211,6 @@ def corloc_score(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 SCORERS: dict[str, Scorer] = {"mse": neg_mse, "iou": iou_score, "corloc": corloc_score}
 
 
-class CVResult(NamedTuple):
-    """k-fold CV of ridge over a λ grid; ``scores`` are per-example means (higher is better)."""
-
-    lambdas: np.ndarray  # (L,)
-    scores: np.ndarray  # (L,) mean over all held-out examples
-    fold_scores: np.ndarray  # (F, L) mean over each fold's held-out examples
-    best_lambda: float
-    best_score: float
-
-
 def _scorer(scorer: str | Scorer) -> Scorer:
     if callable(scorer):
         return scorer
@@ -408,55 +219,17 @@ def _scorer(scorer: str | Scorer) -> Scorer:
     return SCORERS[scorer]
 
 
-def cross_validate_ridge(
-    x: jax.Array | np.ndarray,
-    y: jax.Array | np.ndarray,
-    lambdas: Sequence[float] | np.ndarray,
-    *,
-    n_folds: int = 5,
-    seed: int = 0,
-    scorer: str | Scorer = "mse",
-) -> CVResult:
-    """Chooses λ by k-fold CV (`kfold_splits`) over a grid, all folds and λ in one jitted call.
-
-    Folds are padded to a common size (masked rows) and `ridge_path` is ``vmap``-ped over them.
-    ``scorer``: ``"mse"`` (`neg_mse`), ``"iou"`` (`iou_score`), ``"corloc"`` (`corloc_score`) or
-    a numpy callable ``(pred (L, n, K), target (n, K)) -> (L, n)`` per-example scores, higher
-    is better. Ties go to the larger λ (the simpler model).
-    """
-    x, y = _check_xy(x, y)
-    score_fn = _scorer(scorer)
-    lam_np = np.asarray(lambdas, np.float64)
-    if lam_np.ndim != 1 or lam_np.size == 0 or np.any(lam_np < 0):
-        raise ValueError(f"lambdas must be a non-empty 1-D grid of values >= 0, got {lambdas}")
-    folds = kfold_splits(x.shape[0], n_folds, seed)
-    n_tr = max(len(tr) for tr, _ in folds)
-    n_va = max(len(va) for _, va in folds)
-    tr_idx = np.stack([np.pad(tr, (0, n_tr - len(tr))) for tr, _ in folds])
-    tr_w = np.stack([np.arange(n_tr) < len(tr) for tr, _ in folds]).astype(np.float32)
-    va_idx = np.stack([np.pad(va, (0, n_va - len(va))) for _, va in folds])
-    pred = _ridge_path_folds(
-        x[tr_idx], y[tr_idx], jnp.asarray(tr_w), x[va_idx], jnp.asarray(lam_np, jnp.float32)
-    )
-    pred, y_np = np.asarray(pred, np.float64), np.asarray(y, np.float64)
-    per_fold = [score_fn(pred[f][:, : len(va)], y_np[va]) for f, (_, va) in enumerate(folds)]
-    fold_scores = np.stack([p.mean(axis=1) for p in per_fold])  # (F, L)
-    scores = np.concatenate(per_fold, axis=1).mean(axis=1)  # (L,) over all held-out examples
-    order = np.argsort(-lam_np, kind="stable")  # largest λ first, so argmax breaks ties to it
-    best = int(order[np.argmax(scores[order])])
-    return CVResult(lam_np, scores, fold_scores, float(lam_np[best]), float(scores[best]))
-
-
 # ----------------------------------------------------------------------------- maps -> boxes
 
 
-@struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class BoxRegressor:
-    """Sensitivity map → box: features (`map_features`) then `Ridge` to normalised targets."""
+    """Sensitivity map → box: features (`map_features`) then a `RidgeModel` to normalised
+    targets (with its CV grid and scores when λ was cross-validated)."""
 
-    ridge: Ridge
-    pool_size: int = struct.field(pytree_node=False)
-    norm: str = struct.field(pytree_node=False)
+    ridge: RidgeModel
+    pool_size: int
+    norm: str
 
 
 def fit_box_regressor(
@@ -471,34 +244,34 @@ def fit_box_regressor(
     n_folds: int = 5,
     seed: int = 0,
     scorer: str | Scorer = "mse",
-    mesh: Mesh | None = None,
-) -> tuple[BoxRegressor, CVResult | None]:
+) -> BoxRegressor:
     """Fits the map → box mapping on training maps ``(N, h, w)`` and pixel boxes ``(N, 4)``.
 
     ``image_sizes`` ``(N, 2)`` = ``(H, W)`` of the images the boxes refer to (the maps may be at
-    any resolution: targets are normalised). With ``lam=None`` λ is chosen by `n_folds`-fold CV
-    over ``lambda_grid(features, alphas)``; the CV result is returned too (else ``None``).
+    any resolution: targets are normalised). With ``lam=None`` λ is chosen by ``n_folds``-fold
+    CV over ``lambda_grid(features, alphas)`` (`fgloc.localize.ridge.fit_ridge_cv`; the grid
+    and its scores stay on ``regressor.ridge``), else the ridge is fitted at ``lam``.
     """
-    feats = map_features(maps, pool_size, norm)
-    targets = jnp.asarray(boxes_to_targets(boxes, image_sizes), jnp.float32)
+    feats = np.asarray(map_features(maps, pool_size, norm), np.float64)
+    targets = boxes_to_targets(boxes, image_sizes)
     if targets.shape[0] != feats.shape[0]:
         raise ValueError(f"{feats.shape[0]} maps but {targets.shape[0]} boxes")
-    cv = None
     if lam is None:
-        cv = cross_validate_ridge(
-            feats, targets, lambda_grid(feats, alphas), n_folds=n_folds, seed=seed, scorer=scorer
-        )
-        lam = cv.best_lambda
-    ridge = fit_ridge(feats, targets, lam, mesh=mesh)
-    return BoxRegressor(ridge=ridge, pool_size=pool_size, norm=norm), cv
+        model = fit_ridge_cv(
+            feats, targets, lambda_grid(feats, alphas), cv=n_folds, seed=seed,
+            scorer=_scorer(scorer),
+        )  # fmt: skip
+    else:
+        model = fit_ridge(feats, targets, lam)
+    return BoxRegressor(ridge=model, pool_size=pool_size, norm=norm)
 
 
 def predict_boxes(
     regressor: BoxRegressor, maps: jax.Array | np.ndarray, image_sizes: np.ndarray
 ) -> np.ndarray:
     """``(N, h, w)`` maps → ``(N, 4)`` pixel boxes in images of size ``image_sizes`` ``(N, 2)``."""
-    feats = map_features(maps, regressor.pool_size, regressor.norm)
-    return targets_to_boxes(predict_ridge(regressor.ridge, feats), image_sizes)
+    feats = np.asarray(map_features(maps, regressor.pool_size, regressor.norm), np.float64)
+    return targets_to_boxes(regressor.ridge.predict(feats), image_sizes)
 
 
 class FeatureSearch(NamedTuple):
@@ -526,21 +299,18 @@ def search_features(
 
     ``targets`` ``(N, 4)`` normalised boxes. Returns the setting with the best CV score.
     """
-    targets_j = jnp.asarray(targets, jnp.float32)
+    targets = np.asarray(targets, np.float64)
+    score_fn = _scorer(scorer)
     table = []
     for size in pool_sizes:
         pooled = pool_maps(jnp.asarray(maps, jnp.float32), size)
         for norm in norms:
-            feats = normalize_maps(pooled, norm).reshape(pooled.shape[0], -1)
-            cv = cross_validate_ridge(
-                feats,
-                targets_j,
-                lambda_grid(feats, alphas),
-                n_folds=n_folds,
-                seed=seed,
-                scorer=scorer,
-            )
-            row = {"pool_size": size, "norm": norm, "lam": cv.best_lambda, "score": cv.best_score}
-            table.append(row)
+            feats = np.asarray(normalize_maps(pooled, norm).reshape(pooled.shape[0], -1))
+            model = fit_ridge_cv(
+                feats, targets, lambda_grid(feats, alphas), cv=n_folds, seed=seed,
+                scorer=score_fn,
+            )  # fmt: skip
+            score = float(model.cv_scores[np.flatnonzero(model.alphas == model.alpha)[0]])
+            table.append({"pool_size": size, "norm": norm, "lam": model.alpha, "score": score})
     best = max(table, key=lambda r: r["score"])
     return FeatureSearch(best["pool_size"], best["norm"], best["lam"], best["score"], table)

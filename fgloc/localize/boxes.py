@@ -1,28 +1,39 @@
-"""Map → box: the CAM paper's rule on device, and the CAM authors' released rule on host.
+"""Map → box: one rule family, with connectivity (4 or 8) as a parameter, on host and on device.
 
-Paper rule (Zhou et al. 2016, paper 003, Sec. 3.1): "segment the regions of which the value is
-above 20% of the max value of the CAM. Then we take the bounding box that covers the largest
-connected component". `boxes_from_maps` does exactly that, batched and jittable:
+Rules (``RULES``), each over the foreground ``map > threshold`` of one map:
 
-1. foreground = ``map > threshold · max(map)`` (strict, per map);
-2. 4-connected components by label propagation on device: labels start as each pixel's
-   row-major index; each `lax.while_loop` step takes the min over the 4-neighbours, hooks the
-   current root to that min (scatter-min) and does one pointer jump ``L ← L[L]``, until nothing
-   changes. Labels end as the smallest row-major index in each component (scipy's
-   ``ndimage.label`` numbers components in the same order);
-3. component sizes with `jax.ops.segment_sum`; the largest wins, a tie in size goes to the
-   component that comes first in row-major order (lowest label);
-4. its box from masked min/max of the pixel rows and columns.
+* ``"largest"`` — the CAM paper's rule (Zhou et al. 2016, paper 003, Sec. 3.1): "segment the
+  regions of which the value is above 20% of the max value of the CAM. Then we take the
+  bounding box that covers the largest connected component". The largest component by pixel
+  count; a tie in size goes to the component whose first pixel comes first in row-major order.
+* ``"all"`` — the box of every connected component (MaxBoxAccV2, Choe et al. 2020; used by
+  `fgloc.metrics.MaxBoxAccV2` through `fgloc.metrics.boxes_at_thresholds`).
+* ``"released"`` — the CAM authors' released box generator (metalbubble/CAM
+  ``bboxgenerator/dt_box.cpp``), `cam_boxes_released` (its docstring lists every difference).
 
-The authors' released code (metalbubble/CAM ``bboxgenerator/dt_box.cpp`` via
-``generate_bbox.m``) does something else; `cam_boxes_released` re-implements it on host (see its
-docstring for every difference).
+Entry points:
 
-Boxes are ``[x0, y0, x1, y1]`` float pixels, ``x1``/``y1`` exclusive (DEVELOPING.md).
+* `map_boxes` — THE map → box function: one ``(H, W)`` map, any number of thresholds in one
+  `scipy.ndimage.label` call, any rule and connectivity; host (numpy), ragged output.
+* `boxes_in_image` — one box per map (``"largest"`` or ``"released"``), maps optionally
+  upsampled first, boxes scaled to each image's pixels; one threshold or a grid of them (a
+  threshold sweep and the final boxes use the same function). What the experiments call.
+* `boxes_from_maps` — the ``"largest"`` rule batched and jittable on device (for the CLI and
+  in-graph use): exactly `map_boxes(rule="largest")` (tests check parity for both
+  connectivities) except that a map with no foreground gets the whole-map box.
+  Labels by propagation: labels start as each pixel's row-major index; each `lax.while_loop`
+  step takes the min over the 4 (or 8) neighbours, hooks the current root to that min
+  (scatter-min) and does one pointer jump ``L ← L[L]``, until nothing changes. Labels end as
+  the smallest row-major index in each component (scipy's ``ndimage.label`` numbers
+  components in the same order); sizes by `jax.ops.segment_sum`; the box from masked min/max.
+
+Boxes are ``[x0, y0, x1, y1]`` float pixels, ``x1``/``y1`` exclusive (DEVELOPING.md); a
+component covering columns ``a..b`` and rows ``c..d`` gives ``[a, c, b + 1, d + 1]``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,17 +42,38 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from fgloc.maps.resample import resize_maps_host
+
 __all__ = [
+    "CONNECTIVITIES",
+    "RULES",
     "boxes_from_maps",
+    "boxes_in_image",
     "cam_boxes_released",
     "connected_components",
+    "map_boxes",
     "scale_boxes",
 ]
 
+RULES = ("largest", "all", "released")
+CONNECTIVITIES = (4, 8)
 
-def _labels_one(mask: jax.Array) -> jax.Array:
+
+def _check_connectivity(connectivity: int) -> int:
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    return int(connectivity)
+
+
+def _structure(connectivity: int) -> np.ndarray:
+    """The ``(3, 3)`` `scipy.ndimage.label` structure of 4- or 8-connectivity."""
+    return ndimage.generate_binary_structure(2, 1 if _check_connectivity(connectivity) == 4 else 2)
+
+
+def _labels_one(mask: jax.Array, connectivity: int = 4) -> jax.Array:
     """Flat labels ``(h·w + 1,)`` of one ``(h, w)`` bool mask; background and the sentinel slot
-    ``h·w`` hold ``h·w``; a foreground pixel holds the smallest flat index of its component."""
+    ``h·w`` hold ``h·w``; a foreground pixel holds the smallest flat index of its component
+    (4- or 8-connected)."""
     h, w = mask.shape
     n = h * w
     flat_mask = mask.reshape(-1)
@@ -55,6 +87,14 @@ def _labels_one(mask: jax.Array) -> jax.Array:
             jnp.minimum(grid, jnp.minimum(pad[:-2, 1:-1], pad[2:, 1:-1])),
             jnp.minimum(pad[1:-1, :-2], pad[1:-1, 2:]),
         )
+        if connectivity == 8:
+            m = jnp.minimum(
+                m,
+                jnp.minimum(
+                    jnp.minimum(pad[:-2, :-2], pad[:-2, 2:]),
+                    jnp.minimum(pad[2:, :-2], pad[2:, 2:]),
+                ),
+            )
         return jnp.where(mask, m, n).reshape(-1)
 
     def step(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -69,11 +109,12 @@ def _labels_one(mask: jax.Array) -> jax.Array:
     return labels
 
 
-def connected_components(masks: jax.Array) -> jax.Array:
-    """4-connected component labels of a batch of binary masks, on device.
+def connected_components(masks: jax.Array, connectivity: int = 4) -> jax.Array:
+    """4- or 8-connected component labels of a batch of binary masks, on device.
 
     Args:
       masks: ``(B, h, w)`` bool.
+      connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours).
     Returns:
       ``(B, h, w)`` int32: ``-1`` on background; on foreground the row-major flat index
       ``y·w + x`` of the component's first pixel (so sorting the distinct labels gives
@@ -82,15 +123,16 @@ def connected_components(masks: jax.Array) -> jax.Array:
     if masks.ndim != 3:
         raise ValueError(f"masks must be (B, h, w), got shape {masks.shape}")
     _, h, w = masks.shape
-    labels = jax.vmap(_labels_one)(masks.astype(bool))[:, : h * w].reshape(masks.shape)
+    labels_one = functools.partial(_labels_one, connectivity=_check_connectivity(connectivity))
+    labels = jax.vmap(labels_one)(masks.astype(bool))[:, : h * w].reshape(masks.shape)
     return jnp.where(masks.astype(bool), labels, -1)
 
 
-def _box_one(m: jax.Array, threshold: float | jax.Array) -> jax.Array:
+def _box_one(m: jax.Array, threshold: float | jax.Array, connectivity: int) -> jax.Array:
     h, w = m.shape
     n = h * w
     mask = m > threshold * jnp.max(m)
-    labels = _labels_one(mask)[:n]
+    labels = _labels_one(mask, connectivity)[:n]
     sizes = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.int32), labels, num_segments=n + 1)
     best = jnp.argmax(sizes[:n])  # first maximum = lowest label among equal sizes
     sel = (labels == best) & mask.reshape(-1)
@@ -109,12 +151,15 @@ def boxes_from_maps(
     maps: jax.Array,
     threshold: float | jax.Array = 0.2,
     image_hw: Sequence[int] | None = None,
+    *,
+    connectivity: int = 4,
 ) -> jax.Array:
-    """Box of the largest 4-connected region above ``threshold · max`` of each map (paper 003).
+    """Box of the largest connected region above ``threshold · max`` of each map (paper 003).
 
     Jittable and batched (`vmap` of a `lax.while_loop` label propagation); see the module
     docstring for the algorithm and the tie rule (equal sizes: the component whose first pixel
-    comes first in row-major order).
+    comes first in row-major order). The same boxes as ``map_boxes(m, [threshold · max m],
+    rule="largest", connectivity=connectivity)`` for every map with a foreground pixel.
 
     Args:
       maps: ``(B, h, w)`` real maps (CAM, sensitivity, ...), any sign.
@@ -122,6 +167,7 @@ def boxes_from_maps(
         The paper's value is 0.2.
       image_hw: optional ``(H, W)``: if given, boxes are scaled from map to image pixels with
         `scale_boxes`; otherwise they are in map pixels.
+      connectivity: 4 (the default, as the CLI) or 8 (a static Python int).
     Returns:
       ``(B, 4)`` float32 ``[x0, y0, x1, y1]``, ``x1``/``y1`` exclusive. A map with no
       foreground pixel (all equal, or maximum ≤ 0 so nothing exceeds ``threshold · max``)
@@ -129,7 +175,8 @@ def boxes_from_maps(
     """
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, h, w), got shape {maps.shape}")
-    boxes = jax.vmap(_box_one, in_axes=(0, None))(maps, threshold)
+    box_one = functools.partial(_box_one, connectivity=_check_connectivity(connectivity))
+    boxes = jax.vmap(box_one, in_axes=(0, None))(maps, threshold)
     if image_hw is not None:
         boxes = scale_boxes(boxes, maps.shape[1:], image_hw)
     return boxes
@@ -151,6 +198,138 @@ def scale_boxes(boxes: jax.Array, from_hw: Sequence[int], to_hw: Sequence[int]) 
     sy = to_hw[0] / from_hw[0]
     factors = jnp.array([sx, sy, sx, sy], dtype=jnp.float32)
     return boxes.astype(jnp.float32) * factors.reshape((1,) * (boxes.ndim - 1) + (4,))
+
+
+def map_boxes(
+    score_map: np.ndarray | jax.Array,
+    thresholds: Sequence[float] | np.ndarray,
+    *,
+    rule: str = "largest",
+    connectivity: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map → boxes for every threshold at once, by one of `RULES` (see the module docstring).
+
+    For ``"largest"`` and ``"all"`` the masks ``score_map > t`` of all thresholds are stacked
+    into a ``(T, H, W)`` volume and labelled in one `scipy.ndimage.label` call, connected
+    inside each slice (4 or 8 neighbours) and not across slices; `scipy.ndimage.find_objects`
+    gives each component's extent. The comparison runs in the map's own float dtype (so a
+    float32 map gives exactly the boxes of the float32 device path `boxes_from_maps`).
+
+    Args:
+      score_map: one ``(H, W)`` real map.
+      thresholds: ``(T,)`` thresholds in the map's units (for the paper's rule, ``t · max``);
+        for ``"released"``, the released code's three increasing 8-bit levels (e.g.
+        ``(20, 100, 110)``; see `cam_boxes_released`).
+      rule: ``"largest"`` (one box per threshold with a foreground, the CAM paper's rule),
+        ``"all"`` (every component) or ``"released"``.
+      connectivity: 4 or 8 for ``"largest"`` / ``"all"`` (default 4, as the CLI); the
+        released rule has its own (8-connected contours and 4-connected holes) and takes
+        ``None`` or 8.
+    Returns:
+      ``boxes`` ``(M, 4)`` float64 ``[x0, y0, x1, y1]`` in map pixels and ``threshold_index``
+      ``(M,)`` int64, the threshold each box came from, ascending (an empty mask contributes no
+      box). For ``"released"`` all boxes, ranked as the released code ranks them, with index 0.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "released":
+        if connectivity not in (None, 8):
+            raise ValueError(f"the released rule is 8-connected, got connectivity={connectivity}")
+        boxes = cam_boxes_released(score_map, tuple(int(t) for t in thresholds))
+        return boxes.astype(np.float64), np.zeros(len(boxes), np.int64)
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = _structure(4 if connectivity is None else connectivity)
+    m = np.asarray(score_map)
+    if m.ndim != 2:
+        raise ValueError(f"score_map must be one (H, W) map, got shape {m.shape}")
+    if not np.issubdtype(m.dtype, np.floating):
+        m = m.astype(np.float64)
+    thr = np.asarray(thresholds, dtype=m.dtype).reshape(-1)
+    masks = m[None] > thr[:, None, None]
+    labels = np.zeros(masks.shape, dtype=np.int32)
+    ndimage.label(masks, structure=structure, output=labels)
+    n = int(labels.max(initial=0))  # components are numbered 1..n in raster order
+    if n == 0:
+        return np.zeros((0, 4)), np.zeros((0,), dtype=np.int64)
+    extents = np.array(
+        [
+            (sl[0].start, sl[2].start, sl[1].start, sl[2].stop, sl[1].stop)
+            for sl in ndimage.find_objects(labels)
+        ],
+        dtype=np.int64,
+    )  # one row per component: (t, x0, y0, x1, y1)
+    t_idx, boxes = extents[:, 0], extents[:, 1:].astype(np.float64)
+    if rule == "largest":
+        area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        order = np.lexsort((-area, t_idx))  # by threshold, then largest first; stable on ties
+        first = np.r_[True, t_idx[order][1:] != t_idx[order][:-1]]
+        keep = order[first]
+        t_idx, boxes = t_idx[keep], boxes[keep]
+    return boxes, t_idx
+
+
+def boxes_in_image(
+    maps: np.ndarray | jax.Array,
+    image_sizes: np.ndarray | Sequence[Sequence[int]],
+    threshold: float | Sequence[float] | np.ndarray = 0.2,
+    *,
+    rule: str = "largest",
+    connectivity: int | None = None,
+    map_size: int | Sequence[int] | None = None,
+    released_thresholds: Sequence[int] = (20, 100, 110),
+    chunk: int = 64,
+) -> np.ndarray:
+    """One box per map (and per threshold), in the pixels of the image each map covers.
+
+    Each map is (optionally) bilinearly resized to ``map_size`` (`fgloc.maps.resize_maps`, the
+    grid the rule is applied on; the CAM paper boxes maps upsampled to the image), boxed with
+    `map_boxes` and scaled to its image: ``x · W / S_w``, ``y · H / S_h`` (`scale_boxes`).
+
+    Args:
+      maps: ``(N, h, w)`` maps, each over a whole (squashed) image.
+      image_sizes: ``(N, 2)`` ``(H, W)`` of those images.
+      threshold: ``"largest"``: a fraction of each map's maximum (foreground
+        ``map > threshold · max``), a float or a grid ``(T,)`` swept with one labelling per map.
+        Unused by ``"released"``.
+      rule: ``"largest"`` (the paper's rule) or ``"released"`` (`cam_boxes_released`'s first
+        box).
+      connectivity: 4 or 8 for ``"largest"`` (default 4).
+      map_size: ``S`` or ``(S_h, S_w)``; ``None`` boxes the maps at their own resolution.
+      released_thresholds: the released rule's three 8-bit levels.
+      chunk: maps resized per device call (`fgloc.maps.resample.resize_maps_host`).
+    Returns:
+      ``(N, 4)`` float64 ``[x0, y0, x1, y1]`` (``(N, T, 4)`` for a threshold grid), exclusive
+      ends, image pixels. A map with no foreground (or no released box) gets the whole image.
+    """
+    if rule not in ("largest", "released"):
+        raise ValueError(f"one box per map needs rule 'largest' or 'released', got {rule!r}")
+    if np.ndim(maps) != 3:
+        raise ValueError(f"maps must be (N, h, w), got shape {np.shape(maps)}")
+    n = np.shape(maps)[0]
+    sizes = np.asarray(image_sizes, np.float64).reshape(-1, 2)
+    if sizes.shape[0] != n:
+        raise ValueError(f"{n} maps but {sizes.shape[0]} image sizes")
+    grid = np.asarray(threshold, np.float32)
+    fractions = grid.reshape(-1)
+    size = tuple(np.shape(maps)[1:]) if map_size is None else map_size
+    heats = resize_maps_host(maps, size, chunk)
+    size = heats.shape[1:]
+    whole = np.array([0.0, 0.0, size[1], size[0]])
+    out = np.zeros((n, fractions.size, 4))
+    for i, heat in enumerate(heats):
+        if rule == "released":
+            boxes, _ = map_boxes(heat, released_thresholds, rule="released")
+            out[i] = boxes[0] if len(boxes) else whole
+            continue
+        out[i] = whole
+        boxes, t_idx = map_boxes(
+            heat, fractions * heat.max(), rule="largest", connectivity=connectivity
+        )
+        out[i, t_idx] = boxes
+    h, w = sizes[:, 0], sizes[:, 1]
+    scale = np.stack([w / size[1], h / size[0], w / size[1], h / size[0]], -1)[:, None, :]
+    out = out * scale
+    return out[:, 0] if grid.ndim == 0 or rule == "released" else out
 
 
 def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
@@ -225,7 +404,7 @@ def cam_boxes_released(
        (``erase(j)`` then ``++j``), the box that moves into slot ``j`` is skipped.
 
     The evaluation then uses box 1 ("bbox1") or box 2 ("bbox2"). Differences from the paper's
-    rule (`boxes_from_maps`: 20% of max, largest 4-connected component): three fixed 8-bit
+    rule (``"largest"``: 20% of max, largest connected component): three fixed 8-bit
     thresholds (20/255 ≈ 7.8% of max, not 20%), a distance-transform erosion, 8-connectivity,
     all contours including holes ranked by box area (not pixel count), overlap merging, and a
     5-pixel margin at the right/bottom edge.

@@ -21,9 +21,19 @@ Paper 1, Sections 2–3 ("Part Localization by Exploiting Deep Convolutional Net
    computed on the full image or on the image restricted to the bounding box
    (:class:`PartDetector`).
 
-Beyond the paper: :func:`fit_part_regression` learns, per part, a ridge-regularised linear map
-from the centres of *all* channels (frame-relative coordinates) to the part position, instead of
-picking one channel — the learned-mapping idea of paper 4 applied to part centres.
+Beyond the paper, two read-outs of the same channel centres (:class:`PartReadout`):
+
+* ``kind="channels"`` with ``top_m = m > 1``: part ``p`` at the mean centre of its ``m``
+  lowest-cost channels (:func:`best_channels`); ``m = 1`` is the paper's rule;
+* ``kind="ridge"``: per part, a ridge-regularised linear map from the centres of *all* channels
+  (frame-relative coordinates) to the part position (:func:`fit_part_regression`, penalty by
+  leave-one-out, :mod:`fgloc.localize.ridge`) instead of picking channels — the
+  learned-mapping idea of paper 4 applied to part centres.
+
+A :class:`PartDetector` is what a user runs on photos: the network settings that produce the
+centres (backbone, layer, input size, map type, centre operator) plus one read-out for box
+crops and one for full images; it is saved as a directory (``part_detector.json`` +
+``part_detector.npz``) and applied to any photos with :meth:`PartDetector.predict_images`.
 
 Coordinates: ``(x, y)`` pixels, continuous, pixel ``(row j, col i)`` has its centre at
 ``(i + 0.5, j + 0.5)`` (the half-pixel convention of ``jax.image.resize`` and of boxes with
@@ -37,25 +47,35 @@ import dataclasses
 import functools
 import json
 import pathlib
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+
+from fgloc.data.pipeline import crop_resize
+from fgloc.localize import ridge
+from fgloc.models.layers import layer_output
 
 __all__ = [
     "CENTRES",
+    "FRAMES",
     "MAP_TYPES",
+    "READOUTS",
+    "RIDGE_ALPHAS",
     "SELECTIONS",
     "CentreExtractor",
     "PartDetector",
+    "PartReadout",
+    "PartRegression",
     "activation_centres",
     "argmax_centres",
+    "best_channels",
     "channel_costs",
     "compute_centres",
-    "crop_resize",
+    "cross_validate_readout",
     "fit_part_regression",
     "gmm_centres",
     "map_centres",
@@ -260,13 +280,14 @@ def channel_costs(
     reduce: str = "mean",
     squared: bool = True,
     normalize: bool = True,
-) -> jax.Array:
-    """Cost of channel ``k`` as detector of part ``p``: ``(K, P)`` (paper 1, Eq. 3).
+) -> np.ndarray:
+    """Cost of channel ``k`` as detector of part ``p``: ``(K, P)`` float32 (paper 1, Eq. 3).
 
     ``cost[k, p] = reduce_i d(μ_k^i, z_p^i)`` over images ``i`` with part ``p`` visible, where
     ``d`` is the Euclidean distance (``squared``: its square; ``normalize``: divided by the
     diagonal of image ``i``'s box first) and ``reduce`` is ``"mean"`` (Eq. 3 with flat priors)
     or ``"median"`` (released code). A part never visible gets cost ``+inf`` for every channel.
+    Host-side numpy (a small reduction, called for many fold sizes: no compilation per shape).
 
     Args:
       centres: ``(N, K, 2)`` activation centres in image pixels.
@@ -274,9 +295,9 @@ def channel_costs(
       visible: ``(N, P)`` bool.
       boxes: ``(N, 4)`` ``[x0, y0, x1, y1]``; required when ``normalize``.
     """
-    centres = jnp.asarray(centres, jnp.float32)
-    parts = jnp.asarray(parts, jnp.float32)
-    visible = jnp.asarray(visible, bool)
+    centres = np.asarray(centres, np.float32)
+    parts = np.asarray(parts, np.float32)
+    visible = np.asarray(visible, bool)
     if centres.ndim != 3 or centres.shape[-1] != 2:
         raise ValueError(f"channel_costs: centres must be (N, K, 2), got {centres.shape}")
     n = centres.shape[0]
@@ -286,47 +307,77 @@ def channel_costs(
         raise ValueError(f"channel_costs: visible must be {parts.shape[:2]}, got {visible.shape}")
     if reduce not in ("mean", "median"):
         raise ValueError(f"channel_costs: reduce must be 'mean' or 'median', got {reduce!r}")
-    d = jnp.linalg.norm(centres[:, :, None, :] - parts[:, None, :, :], axis=-1)  # (N, K, P)
+    d = np.linalg.norm(centres[:, :, None, :] - parts[:, None, :, :], axis=-1)  # (N, K, P)
     if normalize:
         if boxes is None:
             raise ValueError("channel_costs: normalize=True needs boxes (N, 4)")
-        boxes = jnp.asarray(boxes, jnp.float32)
+        boxes = np.asarray(boxes, np.float32)
         if boxes.shape != (n, 4):
             raise ValueError(f"channel_costs: boxes must be (N={n}, 4), got {boxes.shape}")
-        diag = jnp.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        d = d / jnp.maximum(diag, 1e-6)[:, None, None]
+        diag = np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        d = d / np.maximum(diag, 1e-6)[:, None, None]
     if squared:
         d = d * d
-    d = jnp.where(visible[:, None, :], d, jnp.nan)
-    agg = jnp.nanmean(d, axis=0) if reduce == "mean" else jnp.nanmedian(d, axis=0)
-    return jnp.where(jnp.isnan(agg), jnp.inf, agg)
+    ok = visible[:, None, :] & np.isfinite(d)  # (N, K, P); a NaN centre counts as missing
+    if reduce == "mean":
+        count = ok.sum(axis=0)
+        total = np.where(ok, d, 0.0).sum(axis=0)
+        agg = np.where(count > 0, total / np.maximum(count, 1), np.inf)
+    else:
+        with warnings.catch_warnings():  # all-NaN columns (part never visible) become inf below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            agg = np.nanmedian(np.where(ok, d, np.nan), axis=0)
+    return np.where(np.isnan(agg), np.inf, agg).astype(np.float32)
+
+
+def best_channels(costs: jax.Array | np.ndarray, m: int = 1) -> np.ndarray:
+    """The ``m`` lowest-cost channels per part, best first: ``(K, P) -> (P, m)`` int32.
+
+    Ties keep the lower channel index (stable sort). An entry whose cost is inf (no training
+    evidence, e.g. a part never visible) is ``-1``.
+    """
+    costs = np.asarray(costs)
+    if costs.ndim != 2:
+        raise ValueError(f"best_channels: costs must be (K, P), got {costs.shape}")
+    if not 1 <= m <= costs.shape[0]:
+        raise ValueError(f"best_channels: m must be in 1..K={costs.shape[0]}, got {m}")
+    order = np.argsort(costs, axis=0, kind="stable")[:m].T  # (P, m)
+    finite = np.isfinite(np.take_along_axis(costs.T, order, axis=1))
+    return np.where(finite, order, -1).astype(np.int32)
 
 
 def select_channels(costs: jax.Array | np.ndarray) -> np.ndarray:
-    """``argmin_k cost[k, p]`` per part: ``(K, P) -> (P,)`` int; ``-1`` where every cost is inf."""
+    """``argmin_k cost[k, p]`` per part (paper 1, Eq. 3): ``(K, P) -> (P,)`` int; ``-1`` where
+    every cost is inf. The first column of :func:`best_channels`."""
     costs = np.asarray(costs)
     if costs.ndim != 2:
         raise ValueError(f"select_channels: costs must be (K, P), got {costs.shape}")
-    ch = np.argmin(costs, axis=0).astype(np.int32)
-    return np.where(np.all(~np.isfinite(costs), axis=0), -1, ch).astype(np.int32)
+    return best_channels(costs, 1)[:, 0]
 
 
 def predict_parts(
     centres: jax.Array | np.ndarray, channels: Sequence[int] | np.ndarray
 ) -> np.ndarray:
-    """Part locations from channel centres: ``(N, K, 2)``, ``(P,)`` -> ``(N, P, 2)``.
+    """Part locations from channel centres: ``(N, K, 2)`` and ``(P,)`` or ``(P, m)`` -> ``(N, P, 2)``.
 
-    ``channels[p] = -1`` (no training evidence) predicts NaN.
+    With ``(P, m)`` channels part ``p`` is the mean of its ``m`` channels' centres (NaN centres
+    and ``-1`` entries are left out); a part with no channel (``-1``) or only NaN centres
+    predicts NaN.
     """
     centres = np.asarray(centres, np.float32)
     channels = np.asarray(channels, np.int64)
     if centres.ndim != 3 or centres.shape[-1] != 2:
         raise ValueError(f"predict_parts: centres must be (N, K, 2), got {centres.shape}")
+    if channels.ndim not in (1, 2):
+        raise ValueError(f"predict_parts: channels must be (P,) or (P, m), got {channels.shape}")
     if np.any(channels >= centres.shape[1]):
         raise ValueError(f"predict_parts: channel index >= K={centres.shape[1]}: {channels}")
-    out = centres[:, np.maximum(channels, 0), :]
-    out[:, channels < 0, :] = np.nan
-    return out
+    chans = channels.reshape(len(channels), -1)  # (P, m)
+    vals = centres[:, np.maximum(chans, 0), :]  # (N, P, m, 2)
+    ok = (chans >= 0)[None, :, :, None] & np.isfinite(vals)
+    count = ok.sum(axis=2)
+    total = np.where(ok, vals, 0.0).sum(axis=2)  # the arithmetic of np.nanmean, without its warning
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
 def to_image_coords(
@@ -345,49 +396,11 @@ def to_image_coords(
     return np.stack([x, y], axis=-1)
 
 
-# ---------------------------------------------------------------------------- image streaming
-def crop_resize(
-    image: np.ndarray, region: Sequence[float] | None, size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Crop ``image (H, W, 3)`` uint8 to ``region`` and resize to ``size × size`` (bilinear).
-
-    The float region is rounded outwards to whole pixels and clipped to the image (CUB boxes
-    may run past the border). Returns ``(pixels (size, size, 3) float32 in [0, 255],
-    used_region (4,) float32)``, where ``used_region`` is the integer region actually resized —
-    the one to pass to :func:`to_image_coords`.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"crop_resize: image must be (H, W, 3), got {image.shape}")
-    h, w = image.shape[:2]
-    if region is None:
-        x0, y0, x1, y1 = 0, 0, w, h
-    else:
-        x0 = int(np.clip(np.floor(region[0]), 0, w - 1))
-        y0 = int(np.clip(np.floor(region[1]), 0, h - 1))
-        x1 = int(np.clip(np.ceil(region[2]), x0 + 1, w))
-        y1 = int(np.clip(np.ceil(region[3]), y0 + 1, h))
-    crop = Image.fromarray(np.ascontiguousarray(image[y0:y1, x0:x1]).astype(np.uint8))
-    crop = crop.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(crop, np.float32), np.asarray([x0, y0, x1, y1], np.float32)
-
-
 def _feature_fn(pretrained: Any, layer: str) -> Callable[[jax.Array], jax.Array]:
-    """``x (B, S, S, 3)`` network input -> intermediate ``layer`` ``(B, h, w, C)``."""
-    from fgloc.models.caffe_graph import CaffeGraph
-
+    """``x (B, S, S, 3)`` network input -> intermediate ``layer`` ``(B, h, w, C)``
+    (:func:`fgloc.models.layers.layer_output`: any fgloc model, Caffe graphs included)."""
     model, variables = pretrained.model, pretrained.variables
-    if isinstance(model, CaffeGraph):
-        # A CaffeGraph's `features` stop at `features_blob`: run it up to the wanted blob.
-        model = model.clone(features_blob=layer)
-
-    def fn(x: jax.Array) -> jax.Array:
-        _, inter = model.apply(variables, x, method=model.features)
-        if layer not in inter:
-            raise KeyError(f"layer {layer!r} not among the model's intermediates {sorted(inter)}")
-        return inter[layer]
-
-    return fn
+    return functools.partial(layer_output, model, variables, layer=layer)
 
 
 MAP_TYPES = ("gradient", "gradient_relu", "activation")
@@ -480,11 +493,15 @@ class CentreExtractor:
             lambda x: feature_fn(preprocess(x)),
             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
         ).shape[-1]
+        self._k: int | None = None
 
     @property
     def n_channels(self) -> int:
-        """Channels of ``layer`` (all of them, whatever ``channels`` selects); shape-only, no compute."""
-        return int(self._n_channels())
+        """Channels of ``layer`` (all of them, whatever ``channels`` selects); shape-only, no
+        compute (one trace, remembered)."""
+        if self._k is None:
+            self._k = int(self._n_channels())
+        return self._k
 
     def __call__(self, raw: jax.Array | np.ndarray) -> jax.Array:
         raw = jnp.asarray(raw, jnp.float32)
@@ -539,137 +556,10 @@ def compute_centres(
     return np.concatenate(out, axis=0)
 
 
-# ------------------------------------------------------------------------------- the detector
-@dataclasses.dataclass
-class PartDetector:
-    """A fitted part detector: one selected channel per semantic part (paper 1, Sec. 2).
-
-    Saved as ``part_detector.json`` (configuration, part names, channels) plus
-    ``part_detector.npz`` (the ``(K, P)`` selection costs). :meth:`predict` runs the network on
-    new images (full or box-restricted) for the selected channels only.
-    """
-
-    backbone: str
-    layer: str
-    part_names: tuple[str, ...]
-    channels: np.ndarray  # (P,) int32, -1 = no evidence
-    costs: np.ndarray  # (K, P) float32
-    map_type: str = "gradient"
-    centre: str = "gmm"
-    input_size: int = 227
-    selection: str = "paper"
-    reduce_rgb: str = "l2"
-    gmm_iters: int = 30
-    gmm_pool: int = 4
-
-    @classmethod
-    def fit(
-        cls,
-        centres: np.ndarray,
-        parts: np.ndarray,
-        visible: np.ndarray,
-        boxes: np.ndarray,
-        part_names: Sequence[str],
-        *,
-        backbone: str,
-        layer: str,
-        selection: str = "paper",
-        **kwargs: Any,
-    ) -> PartDetector:
-        """Select channels from training centres ``(N, K, 2)`` and ground truth ``(N, P, 2)``."""
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
-        reduce, squared, normalize = SELECTIONS[selection]
-        if len(part_names) != np.shape(parts)[1]:
-            raise ValueError(f"{len(part_names)} part names for {np.shape(parts)[1]} parts")
-        costs = np.asarray(
-            channel_costs(centres, parts, visible, boxes, reduce, squared, normalize)
-        )
-        return cls(
-            backbone=backbone,
-            layer=layer,
-            part_names=tuple(part_names),
-            channels=select_channels(costs),
-            costs=costs.astype(np.float32),
-            selection=selection,
-            **kwargs,
-        )
-
-    @property
-    def unique_channels(self) -> np.ndarray:
-        """Sorted distinct selected channels ``(U,)`` (only these are computed at test time)."""
-        return np.unique(self.channels[self.channels >= 0])
-
-    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
-        d = pathlib.Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        meta.pop("costs")
-        meta["channels"] = [int(c) for c in self.channels]
-        meta["part_names"] = list(self.part_names)
-        (d / "part_detector.json").write_text(json.dumps(meta, indent=2) + "\n")
-        np.savez(d / "part_detector.npz", costs=self.costs)
-        return d
-
-    @classmethod
-    def load(cls, directory: str | pathlib.Path) -> PartDetector:
-        d = pathlib.Path(directory)
-        js, npz = d / "part_detector.json", d / "part_detector.npz"
-        for f in (js, npz):
-            if not f.is_file():
-                raise FileNotFoundError(f"PartDetector.load: {f} not found")
-        meta = json.loads(js.read_text())
-        with np.load(npz, allow_pickle=False) as data:
-            costs = data["costs"]
-        meta["channels"] = np.asarray(meta["channels"], np.int32)
-        meta["part_names"] = tuple(meta["part_names"])
-        return cls(costs=costs, **meta)
-
-    def extractor(self, pretrained: Any, chunk_size: int = 16) -> CentreExtractor:
-        """The compiled centre function for this detector's selected channels only."""
-        return CentreExtractor(
-            pretrained,
-            self.layer,
-            channels=self.unique_channels,
-            map_type=self.map_type,
-            centre=self.centre,
-            input_size=self.input_size,
-            chunk_size=chunk_size,
-            reduce_rgb=self.reduce_rgb,
-            gmm_iters=self.gmm_iters,
-            gmm_pool=self.gmm_pool,
-        )
-
-    def predict_from_centres(self, centres: np.ndarray) -> np.ndarray:
-        """``(N, U, 2)`` centres of :attr:`unique_channels` -> parts ``(N, P, 2)``."""
-        index = np.searchsorted(self.unique_channels, np.maximum(self.channels, 0))
-        return predict_parts(centres, np.where(self.channels >= 0, index, -1))
-
-    def predict(
-        self,
-        images: Sequence[np.ndarray],
-        boxes: np.ndarray | None = None,
-        pretrained: Any = None,
-        batch_size: int = 4,
-        extractor: CentreExtractor | None = None,
-    ) -> np.ndarray:
-        """Part locations ``(N, P, 2)`` (image pixels) for uint8 images ``(H, W, 3)``.
-
-        ``boxes (N, 4)`` restricts each image to its box (the paper's "BB" setting); ``None``
-        uses the full image. ``pretrained`` defaults to ``fgloc.pretrained(self.backbone)``.
-        """
-        if extractor is None:
-            if pretrained is None:
-                import fgloc
-
-                pretrained = fgloc.pretrained(self.backbone)
-            extractor = self.extractor(pretrained)
-        regions = None if boxes is None else np.asarray(boxes, np.float32)
-        centres = compute_centres(extractor, images, regions, batch_size=batch_size)
-        return self.predict_from_centres(centres)
-
-
 # --------------------------------------------------------------------- learned part regression
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
 def _frame_relative(centres: np.ndarray, frames: np.ndarray) -> np.ndarray:
     """``centres (N, ..., 2)`` image px -> coordinates relative to ``frames (N, 4)`` (0..1)."""
     frames = np.asarray(frames, np.float64)
@@ -690,7 +580,7 @@ class PartRegression:
 
     coef: np.ndarray  # (P, 2, K*2)
     intercept: np.ndarray  # (P, 2)
-    alpha: np.ndarray  # (P,) the ridge strength chosen per part
+    alpha: np.ndarray  # (P,) the ridge strength chosen per part (NaN: too few examples)
 
 
 def fit_part_regression(
@@ -698,7 +588,7 @@ def fit_part_regression(
     parts: np.ndarray,
     visible: np.ndarray,
     frames: np.ndarray,
-    alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0),
+    alphas: Sequence[float] = RIDGE_ALPHAS,
 ) -> PartRegression:
     """Learns part positions from all channel centres (beyond paper 1).
 
@@ -709,13 +599,12 @@ def fit_part_regression(
       visible: ``(N, P)`` bool.
       frames: ``(N, 4)`` the region the centres were computed on (the box, or the whole image);
         features and targets are relative to it, so the map transfers across image sizes.
-      alphas: ridge strengths; per part the best by leave-one-out error
-        (scikit-learn ``RidgeCV``).
+      alphas: ridge strengths; per part the best by leave-one-out squared error
+        (:func:`fgloc.localize.ridge.fit_ridge_cv`). A part visible in fewer than 3 images
+        predicts the frame centre.
     Returns:
       A :class:`PartRegression`; apply it with :func:`predict_part_regression`.
     """
-    from sklearn.linear_model import RidgeCV
-
     x = _regression_features(centres, frames)
     y = _frame_relative(parts, frames)  # (N, P, 2)
     visible = np.asarray(visible, bool)
@@ -727,8 +616,8 @@ def fit_part_regression(
         rows = visible[:, p] & np.all(np.isfinite(y[:, p]), -1)
         if rows.sum() < 3:
             continue
-        model = RidgeCV(alphas=np.asarray(alphas, np.float64)).fit(x[rows], y[rows, p])
-        coef[p], icpt[p], chosen[p] = model.coef_, model.intercept_, float(model.alpha_)
+        model = ridge.fit_ridge_cv(x[rows], y[rows, p], alphas)
+        coef[p], icpt[p], chosen[p] = model.coef.T, model.intercept, model.alpha
     return PartRegression(coef, icpt, chosen)
 
 
@@ -737,7 +626,402 @@ def predict_part_regression(
 ) -> np.ndarray:
     """``centres (N, K, 2)`` on ``frames (N, 4)`` -> predicted parts ``(N, P, 2)`` image px."""
     x = _regression_features(centres, frames)
+    if x.shape[1] != model.coef.shape[-1]:
+        raise ValueError(
+            f"predict_part_regression: centres of {x.shape[1] // 2} channels for a map fitted "
+            f"on {model.coef.shape[-1] // 2}"
+        )
     rel = np.einsum("nf,pcf->npc", x, model.coef) + model.intercept[None]
     frames = np.asarray(frames, np.float64)
     wh = frames[:, 2:] - frames[:, :2]
     return frames[:, None, :2] + rel * wh[:, None, :]
+
+
+# -------------------------------------------------------------------------------- read-outs
+READOUTS = ("channels", "ridge")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartReadout:
+    """Centres of all ``K`` channels in one frame -> part locations: the fitted read-out.
+
+    ``kind="channels"``: part ``p`` at the mean centre of ``channels[p]`` (its ``m`` best
+    channels under ``selection``; ``m = 1``, ``selection="paper"`` is paper 1's detector).
+    ``kind="ridge"``: part ``p`` from ``regression`` over all channel centres (frame-relative);
+    ``channels`` then holds the selection's choice for reporting only. ``costs (K, P)`` are the
+    selection costs on the training images (:func:`channel_costs`).
+    """
+
+    kind: str
+    channels: np.ndarray  # (P, m) int32, -1 = no evidence
+    costs: np.ndarray  # (K, P) float32
+    selection: str = "paper"
+    regression: PartRegression | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in READOUTS:
+            raise ValueError(f"read-out kind must be one of {READOUTS}, got {self.kind!r}")
+        if (self.kind == "ridge") != (self.regression is not None):
+            raise ValueError("a 'ridge' read-out needs its regression, a 'channels' one none")
+
+    @classmethod
+    def fit(
+        cls,
+        centres: np.ndarray,
+        parts: np.ndarray,
+        visible: np.ndarray,
+        boxes: np.ndarray,
+        *,
+        kind: str = "channels",
+        selection: str = "paper",
+        top_m: int = 1,
+        frames: np.ndarray | None = None,
+        alphas: Sequence[float] = RIDGE_ALPHAS,
+    ) -> PartReadout:
+        """Fits on training centres ``(N, K, 2)`` (image px) and parts ``(N, P, 2)``, ``(N, P)``.
+
+        ``boxes (N, 4)`` normalise the selection costs (box diagonal); ``frames (N, 4)`` are the
+        regions the centres were computed on (ridge coordinates; default ``boxes``, i.e. box
+        crops; pass the whole-image frames for full-image centres).
+        """
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {sorted(SELECTIONS)}, got {selection!r}")
+        if kind not in READOUTS:
+            raise ValueError(f"read-out kind must be one of {READOUTS}, got {kind!r}")
+        reduce, squared, normalize = SELECTIONS[selection]
+        costs = np.asarray(
+            channel_costs(centres, parts, visible, boxes, reduce, squared, normalize), np.float32
+        )
+        regression = None
+        if kind == "ridge":
+            regression = fit_part_regression(
+                centres, parts, visible, boxes if frames is None else frames, alphas
+            )
+        return cls(kind, best_channels(costs, top_m), costs, selection, regression)
+
+    @property
+    def n_channels(self) -> int:
+        """``K``, the channels of the layer this read-out was fitted on."""
+        return int(self.costs.shape[0])
+
+    @property
+    def top_m(self) -> int:
+        return int(self.channels.shape[1])
+
+    def used_channels(self) -> np.ndarray:
+        """Sorted channel ids ``(U,)`` whose centres :meth:`predict` reads (all ``K`` for ridge)."""
+        if self.kind == "ridge":
+            return np.arange(self.n_channels, dtype=np.int32)
+        return np.unique(self.channels[self.channels >= 0]).astype(np.int32)
+
+    def predict(self, centres: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:
+        """``centres (N, K, 2)`` image px (NaN allowed outside :meth:`used_channels`) -> ``(N, P, 2)``.
+
+        ``frames (N, 4)``: the regions the centres were computed on (needed by ``ridge``). A
+        part without a prediction (no training evidence: channel ``-1``, or only NaN centres)
+        is put at its frame's centre, as the ridge read-out does for a part seen fewer than 3
+        times in training; without ``frames`` it stays NaN.
+        """
+        centres = np.asarray(centres)
+        if centres.ndim != 3 or centres.shape[1] != self.n_channels:
+            raise ValueError(
+                f"PartReadout.predict: centres must be (N, K={self.n_channels}, 2), "
+                f"got {centres.shape}"
+            )
+        if self.regression is None:
+            out = predict_parts(centres, self.channels)
+            if frames is not None:  # no training evidence: the frame centre, as for ridge
+                f = np.asarray(frames, np.float32)
+                none = ~np.any(np.isfinite(out), axis=-1, keepdims=True)
+                out = np.where(none, ((f[:, :2] + f[:, 2:]) / 2)[:, None], out)
+            return out
+        if frames is None:
+            raise ValueError("PartReadout.predict: a ridge read-out needs the frames (N, 4)")
+        return predict_part_regression(self.regression, centres, frames)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The arrays to save, keys prefixed (see :meth:`PartDetector.save`)."""
+        out = {f"{prefix}channels": self.channels, f"{prefix}costs": self.costs}
+        if self.regression is not None:
+            r = self.regression
+            out |= {f"{prefix}coef": r.coef, f"{prefix}intercept": r.intercept}
+            out[f"{prefix}alpha"] = r.alpha
+        return out
+
+    @classmethod
+    def from_arrays(cls, data: Any, prefix: str, kind: str, selection: str) -> PartReadout:
+        regression = None
+        if kind == "ridge":
+            regression = PartRegression(
+                data[f"{prefix}coef"], data[f"{prefix}intercept"], data[f"{prefix}alpha"]
+            )
+        channels = np.asarray(data[f"{prefix}channels"], np.int32)
+        return cls(kind, channels, np.asarray(data[f"{prefix}costs"]), selection, regression)
+
+
+def cross_validate_readout(
+    centres: np.ndarray,
+    parts: np.ndarray,
+    visible: np.ndarray,
+    boxes: np.ndarray,
+    *,
+    n_folds: int = 2,
+    seed: int = 0,
+    **readout_kwargs: Any,
+) -> float:
+    """k-fold cross-validated normalised part error of a box-crop read-out on training data.
+
+    The images are shuffled by ``numpy.random.default_rng(seed)`` and cut into ``n_folds``
+    consecutive folds (fold ``f`` = ``perm[f·N // k : (f+1)·N // k]``); each fold is predicted
+    by :meth:`PartReadout.fit` (``readout_kwargs``: kind, selection, top_m, alphas) on the
+    others; the error is :func:`fgloc.metrics.normalized_part_error` (mean over parts) of all
+    held-out predictions. Centres are box-crop centres, so frames are the boxes.
+    """
+    from fgloc.metrics import normalized_part_error
+
+    n = len(centres)
+    if not 2 <= n_folds <= n:
+        raise ValueError(f"n_folds must be in 2..N={n}, got {n_folds}")
+    perm = np.random.default_rng(seed).permutation(n)
+    folds = np.split(perm, [n * f // n_folds for f in range(1, n_folds)])
+    preds = np.zeros(np.shape(parts), np.float32)
+    for f, held in enumerate(folds):
+        rest = np.concatenate([g for i, g in enumerate(folds) if i != f])
+        r = PartReadout.fit(
+            centres[rest], parts[rest], visible[rest], boxes[rest], **readout_kwargs
+        )
+        preds[held] = r.predict(centres[held], boxes[held])
+    return float(normalized_part_error(preds, parts, visible, boxes)[1])
+
+
+# ------------------------------------------------------------------------------- the detector
+FRAMES = ("box", "full")
+
+
+@dataclasses.dataclass
+class PartDetector:
+    """A fitted part detector: the network settings that make channel centres, and read-outs.
+
+    ``box`` reads centres computed on the image cropped to its object box (the paper's "BB"
+    setting), ``full`` centres computed on the whole photo (``None``: the box read-out is used
+    there too, in the whole-image frame — the paper's protocol for channel read-outs).
+    Settings: ``backbone`` (a :func:`fgloc.pretrained` name; ``weights`` an optional weight
+    file, e.g. a converted Caffe net), ``layer``, ``input_size`` (crops are resized to
+    ``S × S``), ``map_type`` (:data:`MAP_TYPES`), ``centre`` (:data:`CENTRES`) and the centre
+    operator's parameters.
+
+    Saved as a directory: ``part_detector.json`` (settings, part names, read-out kinds) and
+    ``part_detector.npz`` (channels, costs, ridge maps). Usage::
+
+        det = PartDetector.load("runs/part_discovery_default/detector")
+        net = det.load_backbone()  # fgloc.pretrained(det.backbone, weights=det.weights)
+        xy = det.predict_images(net, photos)  # (N, 15, 2) pixel (x, y) in each photo
+        xy_box = det.predict_images(net, photos, boxes=boxes)  # (N, 4) [x0, y0, x1, y1] each
+    """
+
+    backbone: str
+    layer: str
+    part_names: tuple[str, ...]
+    box: PartReadout
+    full: PartReadout | None = None
+    weights: str | None = None
+    map_type: str = "gradient"
+    centre: str = "gmm"
+    input_size: int = 227
+    reduce_rgb: str = "l2"
+    gmm_iters: int = 30
+    gmm_pool: int = 4
+    act_grid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.map_type not in MAP_TYPES:
+            raise ValueError(f"map_type must be one of {MAP_TYPES}, got {self.map_type!r}")
+        if self.centre not in CENTRES:
+            raise ValueError(f"centre must be one of {CENTRES}, got {self.centre!r}")
+        if len(self.part_names) != self.box.channels.shape[0]:
+            raise ValueError(
+                f"{len(self.part_names)} part names for {self.box.channels.shape[0]} parts"
+            )
+        if self.full is not None and self.full.n_channels != self.box.n_channels:
+            raise ValueError("the box and full read-outs must be fitted on the same layer")
+
+    @classmethod
+    def fit(
+        cls,
+        centres: np.ndarray,
+        parts: np.ndarray,
+        visible: np.ndarray,
+        boxes: np.ndarray,
+        part_names: Sequence[str],
+        *,
+        backbone: str,
+        layer: str,
+        readout: str = "channels",
+        selection: str = "paper",
+        top_m: int = 1,
+        full_centres: np.ndarray | None = None,
+        image_sizes: np.ndarray | None = None,
+        alphas: Sequence[float] = RIDGE_ALPHAS,
+        **settings: Any,
+    ) -> PartDetector:
+        """Fits the read-outs on training centres of all ``K`` channels of ``layer``.
+
+        Args:
+          centres: ``(N, K, 2)`` centres on box crops of the training images, image pixels
+            (computed with the same ``settings``: :meth:`extractor`, :func:`compute_centres`).
+          parts, visible: ``(N, P, 2)`` ground-truth parts (image px) and ``(N, P)`` bool.
+          boxes: ``(N, 4)`` the training boxes ``[x0, y0, x1, y1]``.
+          part_names: ``P`` names.
+          readout: ``"channels"`` or ``"ridge"`` (:class:`PartReadout`); ``selection`` and
+            ``top_m`` choose the channels.
+          full_centres: optional ``(N, K, 2)`` centres on the whole training images; then the
+            full-image read-out is fitted on them (channels chosen, or ridge fitted, in the frame
+            they are applied in), else the box read-out serves full images too.
+          image_sizes: ``(N, 2)`` ``(H, W)`` of the training images; needed with
+            ``full_centres`` for a ridge read-out (its whole-image frames).
+          settings: the dataclass fields ``weights``, ``map_type``, ``centre``, ``input_size``,
+            ``reduce_rgb``, ``gmm_iters``, ``gmm_pool``, ``act_grid``.
+        """
+        kw = {"kind": readout, "selection": selection, "top_m": top_m, "alphas": alphas}
+        box = PartReadout.fit(centres, parts, visible, boxes, **kw)
+        full = None
+        if full_centres is not None:
+            frames = None
+            if readout == "ridge":
+                if image_sizes is None:
+                    raise ValueError(
+                        "PartDetector.fit: a ridge full-image read-out needs image_sizes"
+                    )
+                frames = _whole_frames(np.asarray(image_sizes))
+            full = PartReadout.fit(full_centres, parts, visible, boxes, frames=frames, **kw)
+        return cls(backbone, layer, tuple(part_names), box, full, **settings)
+
+    def readout(self, frame: str) -> PartReadout:
+        """The read-out for ``frame`` in :data:`FRAMES` (``"box"`` or ``"full"``)."""
+        if frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+        return self.full if frame == "full" and self.full is not None else self.box
+
+    def used_channels(self, frame: str = "box") -> np.ndarray:
+        """Sorted channel ids ``(U,)`` whose centres the ``frame`` read-out needs."""
+        return self.readout(frame).used_channels()
+
+    def predict_from_centres(
+        self, centres: np.ndarray, frames: np.ndarray, frame: str = "box"
+    ) -> np.ndarray:
+        """``centres (N, K, 2)`` image px (NaN outside :meth:`used_channels`) computed on
+        ``frames (N, 4)`` (the boxes, or ``[0, 0, W, H]``) -> parts ``(N, P, 2)`` image px."""
+        return self.readout(frame).predict(centres, frames)
+
+    def extractor(
+        self, pretrained: Any, frame: str = "box", chunk_size: int = 16
+    ) -> CentreExtractor:
+        """The compiled centre function for the channels the ``frame`` read-out uses."""
+        used = self.used_channels(frame)
+        whole = len(used) == self.box.n_channels
+        return CentreExtractor(
+            pretrained,
+            self.layer,
+            channels=None if whole else used,
+            map_type=self.map_type,
+            centre=self.centre,
+            input_size=self.input_size,
+            chunk_size=chunk_size,
+            reduce_rgb=self.reduce_rgb,
+            gmm_iters=self.gmm_iters,
+            gmm_pool=self.gmm_pool,
+            act_grid=self.act_grid,
+        )
+
+    def load_backbone(self) -> Any:
+        """``fgloc.pretrained(backbone, weights=weights)``: the network the detector was fitted on."""
+        import fgloc
+
+        return fgloc.pretrained(self.backbone, weights=self.weights)
+
+    def predict_images(
+        self,
+        pretrained: Any,
+        images: Sequence[np.ndarray],
+        boxes: np.ndarray | None = None,
+        batch_size: int = 4,
+        chunk_size: int = 16,
+    ) -> np.ndarray:
+        """The parts on photos: ``N`` uint8 ``(H_i, W_i, 3)`` -> ``(N, P, 2)`` pixel ``(x, y)``.
+
+        Each photo keeps its own coordinates. ``boxes (N, 4)`` ``[x0, y0, x1, y1]`` (pixels of
+        each photo) restricts it to its object box and uses the box read-out; ``None`` runs on
+        the whole photo with the full-image read-out. ``pretrained`` is the backbone
+        (:meth:`load_backbone`); only the channels the read-out uses are computed.
+        """
+        images = list(images)
+        if not images:
+            raise ValueError("predict_images: no images given")
+        frame = "full" if boxes is None else "box"
+        if boxes is not None:
+            frames = np.asarray(boxes, np.float64)
+            if frames.shape != (len(images), 4):
+                raise ValueError(f"boxes must be ({len(images)}, 4), got {frames.shape}")
+        else:
+            hw = np.asarray([np.shape(im)[:2] for im in images], np.float64)
+            frames = _whole_frames(hw)
+        used = self.used_channels(frame)
+        ex = self.extractor(pretrained, frame, chunk_size)
+        regions = None if boxes is None else frames.astype(np.float32)
+        got = compute_centres(ex, images, regions, batch_size=batch_size)  # (N, U, 2)
+        centres = np.full((len(images), self.box.n_channels, 2), np.nan, np.float32)
+        centres[:, used] = got
+        return self.predict_from_centres(centres, frames, frame)
+
+    # ------------------------------------------------------------------------------ files
+    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
+        """Writes ``directory/part_detector.json`` and ``directory/part_detector.npz``."""
+        d = pathlib.Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("box", "full")
+        }
+        meta["part_names"] = list(self.part_names)
+        meta["readouts"] = {
+            name: {"kind": r.kind, "selection": r.selection, "top_m": r.top_m}
+            for name, r in (("box", self.box), ("full", self.full))
+            if r is not None
+        }
+        meta["n_channels"] = self.box.n_channels
+        meta["format"] = 2
+        arrays = self.box.arrays("box.")
+        if self.full is not None:
+            arrays |= self.full.arrays("full.")
+        (d / "part_detector.json").write_text(json.dumps(meta, indent=2) + "\n")
+        np.savez(d / "part_detector.npz", **arrays)  # pyright: ignore[reportArgumentType]
+        return d
+
+    @classmethod
+    def load(cls, directory: str | pathlib.Path) -> PartDetector:
+        """Reads a detector written by :meth:`save`; missing files and other formats raise."""
+        d = pathlib.Path(directory)
+        js, npz = d / "part_detector.json", d / "part_detector.npz"
+        for f in (js, npz):
+            if not f.is_file():
+                raise FileNotFoundError(f"PartDetector.load: {f} not found")
+        meta = json.loads(js.read_text())
+        if meta.pop("format", None) != 2:
+            raise ValueError(f"PartDetector.load: {js} is not a format-2 part detector file")
+        readouts = meta.pop("readouts")
+        meta.pop("n_channels")
+        with np.load(npz, allow_pickle=False) as data:
+            loaded = {
+                name: PartReadout.from_arrays(data, f"{name}.", r["kind"], r["selection"])
+                for name, r in readouts.items()
+            }
+        meta["part_names"] = tuple(meta["part_names"])
+        return cls(box=loaded["box"], full=loaded.get("full"), **meta)
+
+
+def _whole_frames(image_sizes: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` ``(H, W)`` -> whole-image frames ``(N, 4)`` ``[0, 0, W, H]``."""
+    hw = np.asarray(image_sizes, np.float64)
+    zeros = np.zeros(len(hw))
+    return np.stack([zeros, zeros, hw[:, 1], hw[:, 0]], axis=-1)
