@@ -198,14 +198,23 @@ def main(run: Run, argv: Sequence[str] | None = None) -> dict[str, Any]:
     ``argv`` excludes the program name (default ``sys.argv[1:]``); see `parse_args`. Returns
     the metrics as written.
     """
+    from fgloc import distributed
+
+    # One process per host (or GPU) runs the same command: start jax.distributed first (a no-op
+    # for a single process; README "More than one machine"). Every process runs the experiment,
+    # its caches split their rows over the processes, and process 0 alone writes the files.
+    distributed.initialize()
     config, data_dir, workdir = parse_args(run, argv)
+    main_process = distributed.is_main_process()
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     start = time.perf_counter()
     metrics = dict(run(config, data_dir, workdir))
     metrics["seconds"] = round(time.perf_counter() - start, 2)
-    write_metrics(workdir, metrics)
-    print(json.dumps({k: _to_json(v) for k, v in metrics.items()}, indent=2, sort_keys=True))
+    if main_process:
+        write_metrics(workdir, metrics)
+        print(json.dumps({k: _to_json(v) for k, v in metrics.items()}, indent=2, sort_keys=True))
     return metrics
 
 

@@ -17,9 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: Lowest first. A module's layer is the first whose prefixes match its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
-        "ops",  # pure array functions and constants: no model, no weights, no training
+        "ops",  # pure array functions, constants and the runtime: no model, weights, training
         (
             "fgloc.cache",
+            "fgloc.distributed",
             "fgloc.metrics",
             "fgloc.maps",
             "fgloc.localize.boxes",
@@ -34,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("weights", ("fgloc.weights",)),
     ("registry", ("fgloc.registry", "fgloc.pretrained", "fgloc.__init__")),
     ("methods", ("fgloc.localize", "fgloc.data")),
-    ("train", ("fgloc.train", "fgloc.distributed")),
+    ("train", ("fgloc.train",)),
     # Offline converters import the library; only the CLI above them dispatches to them.
     ("converters", ("weights_conversion",)),
     ("app", ("fgloc.app", "fgloc.cli")),
