@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import cam_cub, common
+from experiments import common
 
 __all__ = ["get_config", "rank_units", "run", "segment_box", "top_images"]
 
@@ -105,6 +105,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
+    from fgloc.data.pipeline import load_resized
     from fgloc.pretrained import pretrained
 
     p = pretrained(config.backbone)
@@ -121,7 +122,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     preds, maps = [], []
     for i in tqdm(range(0, len(paths), bs), desc="activations"):
-        imgs, _ = cam_cub.load_resized(paths[i : i + bs], size)
+        imgs, _ = load_resized(paths[i : i + bs], size)
         n = len(imgs)
         if n < bs:
             imgs = np.concatenate([imgs, np.zeros((bs - n, *imgs.shape[1:]), np.uint8)])
@@ -151,7 +152,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         for ui, u in enumerate(units):
             for j, img_i in enumerate(top_images(max_act, int(u), cols)):
                 ax = axes[ci * config.num_units + ui, j]
-                img, _ = cam_cub.load_resized([paths[img_i]], size)
+                img, _ = load_resized([paths[img_i]], size)
                 mask, box = segment_box(fmap[img_i, :, :, u], size, config.segment_threshold)
                 shown = np.where(mask[..., None], img[0], (img[0] * 0.25).astype(np.uint8))
                 ax.imshow(shown[box[1] : box[3], box[0] : box[2]])

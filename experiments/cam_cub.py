@@ -62,7 +62,6 @@ __all__ = [
     "combine_cams",
     "extract",
     "get_config",
-    "load_resized",
     "make_forward",
     "maps_to_boxes",
     "run",
@@ -126,28 +125,6 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- features
 
 
-def load_resized(
-    paths: Sequence[str], size: int, boxes: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Loads images (optionally cropped to ``boxes`` ``(B, 4)`` original pixels), squashed to
-    ``size``². Returns ``uint8 (B, size, size, 3)`` and the original ``(B, 2)`` ``(H, W)``."""
-    from fgloc.data.images import load_image
-    from fgloc.data.pipeline import resize_image
-
-    out, sizes = [], []
-    for i, path in enumerate(paths):
-        img = load_image(path)
-        sizes.append(img.shape[:2])
-        box = None
-        if boxes is not None:
-            h, w = img.shape[:2]
-            x0, y0, x1, y1 = np.asarray(boxes[i], np.float64)
-            x0, y0 = min(max(x0, 0.0), w - 1.0), min(max(y0, 0.0), h - 1.0)
-            box = (x0, y0, min(max(x1, x0 + 1.0), w), min(max(y1, y0 + 1.0), h))
-        out.append(resize_image(img, (size, size), box=box))
-    return np.stack(out), np.asarray(sizes, np.int64)
-
-
 def make_forward(p: Any, layers: Sequence[str]) -> Callable[[np.ndarray], dict[str, jax.Array]]:
     """Jitted ``uint8 (B, S, S, 3) -> dict`` for the CAM layers ``layers``:
 
@@ -191,6 +168,8 @@ def extract(
     """Runs `forward` over all images in batches of a fixed shape (the last one padded) and
     stacks the outputs named `keys`; also returns ``sizes`` (N, 2) original (H, W)."""
     from tqdm.auto import tqdm
+
+    from fgloc.data.pipeline import load_resized
 
     outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     sizes = []
@@ -653,6 +632,7 @@ def _crop_accuracy(
             "size": size,
             "layers": tuple(config.cam_layers),
             "boxes": np.round(np.asarray(boxes, np.float64), 1).tolist(),
+            "crop": "pipeline.crop_resize",  # boxes rounded outwards to whole pixels
             "files": [str(f) for f in split.file_names],
         }
         fn = functools.partial(

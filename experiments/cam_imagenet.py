@@ -152,6 +152,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     from tqdm.auto import tqdm
 
     from fgloc.data.imagenet import read_imagenet_val
+    from fgloc.data.pipeline import load_resized
     from fgloc.localize_images import gaussian_blur
     from fgloc.maps.cam import class_activation_maps, top_classes
     from fgloc.maps.sensitivity import sensitivity_maps
@@ -189,7 +190,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     labels = ann.labels[idx]
     top5s, cams, bps, sizes = [], [], [], []
     for i in tqdm(range(0, len(paths), bs), desc="cam + backprop"):
-        imgs, hw = cam_cub.load_resized(paths[i : i + bs], size)
+        imgs, hw = load_resized(paths[i : i + bs], size)
         lab = labels[i : i + bs]
         n = len(imgs)
         if n < bs:  # pad to one compiled shape

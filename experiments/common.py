@@ -1,35 +1,44 @@
 """Shared plumbing for `experiments/*.py`: command line, data folders, workdir, metrics.json.
 
-Every experiment is run as::
+Every experiment ``experiments/<name>.py`` is one function ``run(config, data_dir, workdir) ->
+dict`` of flat scalar metrics; its named configurations live in ``experiments/configs/<name>.py``
+as ``get_config(name=None) -> ConfigDict`` (``"default"`` when ``None``, ``"smoke"``, and one
+per README row). Its ``__main__`` block is ``common.main(run)``, and it is run as::
 
-    python -m experiments.<name> --data_dir DIR --workdir DIR [--preset smoke] \
-        [--config.key=value ...]
+    python -m experiments.<name> [--config experiments/configs/<name>.py[:<preset>]] \
+        --workdir DIR [--data_dir DIR] [--config.<field>=<value> ...]
 
-and is written as two functions, `get_config(preset="default") -> ConfigDict` and
-`run(config, data_dir, workdir) -> dict` of flat metrics; its `__main__` block is
-`common.main(get_config, run)`. `main` parses the command line, applies the overrides (typed by
-the field they replace), creates the workdir, saves `config.json`, times the run and writes
-`WORKDIR/metrics.json` with the run's metrics plus `seconds`.
+`main` parses the command line with absl flags and ml_collections ``config_flags`` (overrides
+are typed by the field they replace; an unknown field is an error), creates the workdir, saves
+``config.json``, times the run and writes ``WORKDIR/metrics.json`` with the run's metrics plus
+``seconds``. ``--data_dir`` (default ``../shared/data``) is the folder that holds
+``CUB_200_2011/`` and ``imagenet_val_sample/``; `resolve_data_dir` finds a dataset in it.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
+import contextlib
 import inspect
 import json
 import math
 import pathlib
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from fgloc.cache import cached_cells, cached_npz
 
 __all__ = [
+    "CONFIG_DIR",
+    "DEFAULT_DATA_DIR",
+    "apply_overrides",
     "cached_cells",
     "cached_npz",
     "main",
@@ -38,95 +47,101 @@ __all__ = [
     "write_metrics",
 ]
 
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+DEFAULT_DATA_DIR = "../shared/data"
 
-def _parse_value(text: str, old: Any) -> Any:
-    """Turns an override string into the type of the field it replaces."""
-    if isinstance(old, bool):
-        low = text.strip().lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(old, str):
-        return text
-    if old is None:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-    if isinstance(old, int):
-        return int(text)
-    if isinstance(old, float):
-        return float(text)
-    value = ast.literal_eval(text)
-    if isinstance(old, tuple | list):
-        return type(old)(value if isinstance(value, tuple | list) else (value,))
-    return value
+Run = Callable[[ml_collections.ConfigDict, pathlib.Path, pathlib.Path], Mapping[str, Any]]
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies `key=value` overrides (dotted keys into nested ConfigDicts) in place.
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Applies ``field=value`` overrides (dotted fields into sub-configs) to ``config`` in place.
 
-    Unknown keys raise `KeyError` naming the key, so a typo cannot be silently ignored.
+    The parsing is ml_collections' own (``config_flags.DEFINE_config_dict`` over the flags
+    ``--config.<field>=<value>``): values are typed by the field they replace and an unknown
+    field raises. Returns ``config``.
     """
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"config override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node: Any = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"--config.{key}: no field {part!r} in the config")
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(
-                f"--config.{key}: no field {leaf!r}; known fields: {sorted(node.keys())}"
-            )
-        try:
-            node[leaf] = _parse_value(text, node[leaf])
-        except (ValueError, SyntaxError, TypeError) as err:
-            raise ValueError(f"--config.{key}={text!r}: {err}") from err
+    argv = ["apply_overrides", *(f"--config.{item}" for item in overrides)]
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_dict(
+        "config", config, flag_values=fv, sys_argv=argv, lock_config=True
+    )
+    fv(argv)
+    return holder.value
+
+
+@contextlib.contextmanager
+def _quiet_config_loading() -> Iterator[None]:
+    """config_flags loads config files with the deprecated ``load_module`` (Python 3.11)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        yield
+
+
+def _experiment_name(run: Callable[..., Any]) -> str:
+    """``cam_cub`` for a ``run`` defined in ``experiments/cam_cub.py`` (also under ``-m``)."""
+    return pathlib.Path(inspect.getfile(run)).stem
 
 
 def parse_args(
-    argv: Sequence[str] | None,
-    get_config: Callable[..., ml_collections.ConfigDict],
-    description: str | None = None,
+    run: Callable[..., Any], argv: Sequence[str] | None = None
 ) -> tuple[ml_collections.ConfigDict, pathlib.Path, pathlib.Path]:
-    """Parses `--data_dir`, `--workdir`, `--preset` and `--config.key=value` overrides.
+    """Parses ``--config``, ``--workdir``, ``--data_dir`` and ``--config.<field>`` overrides.
 
-    `--config.key value` (space-separated) is accepted too. Returns `(config, data_dir,
-    workdir)`; the config is `get_config(preset)` with the overrides applied.
+    Args:
+      run: the experiment's ``run``; its file name picks the default config file
+        ``experiments/configs/<name>.py`` (its ``"default"`` preset).
+      argv: the arguments without the program name (default ``sys.argv[1:]``).
+    Returns:
+      ``(config, data_dir, workdir)``.
+    Raises:
+      SystemExit(2) with a message on stderr for a bad command line; ``--help`` prints the
+      flags and exits 0.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--data_dir", required=True, type=pathlib.Path)
-    parser.add_argument("--workdir", required=True, type=pathlib.Path)
-    parser.add_argument("--preset", default="default", help="named config, e.g. 'smoke'")
-    args, rest = parser.parse_known_args(argv)
-    overrides: list[str] = []
-    i = 0
-    while i < len(rest):
-        item = rest[i]
-        if not item.startswith("--config."):
-            parser.error(f"unrecognized argument {item!r}")
-        item = item[len("--config.") :]
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                parser.error(f"--config.{item} needs a value")
-            item = f"{item}={rest[i + 1]}"
-            i += 1
-        overrides.append(item)
-        i += 1
-    if inspect.signature(get_config).parameters:
-        config = get_config(args.preset)
-    elif args.preset != "default":
-        parser.error(f"this experiment has no presets (got --preset {args.preset})")
-    else:
-        config = get_config()
-    apply_overrides(config, overrides)
-    return config, args.data_dir, args.workdir
+    name = _experiment_name(run)
+    args = list(sys.argv[1:] if argv is None else argv)
+    full = [f"python -m experiments.{name}", *args]
+    fv = flags.FlagValues()
+    default = CONFIG_DIR / f"{name}.py"
+    with _quiet_config_loading():
+        holder = config_flags.DEFINE_config_file(
+            "config",
+            default=str(default) if default.is_file() else None,
+            help_string=f"config file and preset, e.g. experiments/configs/{name}.py:smoke",
+            flag_values=fv,
+            sys_argv=full,
+        )
+    workdir = flags.DEFINE_string(
+        "workdir", None, "folder for config.json, metrics.json, caches", flag_values=fv
+    )
+    data_dir = flags.DEFINE_string(
+        "data_dir",
+        DEFAULT_DATA_DIR,
+        "folder holding CUB_200_2011/ and imagenet_val_sample/",
+        flag_values=fv,
+    )
+    if any(a in ("-h", "--help", "--helpfull") for a in args):
+        print(f"{full[0]}: {(inspect.getdoc(sys.modules[run.__module__]) or '').splitlines()[0]}")
+        print(fv.get_help())
+        raise SystemExit(0)
+    try:
+        with _quiet_config_loading():
+            rest = fv(full)
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected arguments {rest[1:]}")
+        if workdir.value is None:
+            raise flags.Error("--workdir is required")
+        config = holder.value
+        if config is None:
+            raise flags.Error("--config is required (no default config file)")
+        config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy for `run`
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        message = lines[-1] if len(lines) > 3 else " ".join(lines)  # a config file's traceback
+        print(f"{full[0]}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from err
+    return config, pathlib.Path(data_dir.value), pathlib.Path(workdir.value)
 
 
 def resolve_data_dir(
@@ -175,17 +190,22 @@ def write_metrics(workdir: str | pathlib.Path, metrics: Mapping[str, Any]) -> pa
 
 
 def main(
-    get_config: Callable[..., ml_collections.ConfigDict],
-    run: Callable[[ml_collections.ConfigDict, pathlib.Path, pathlib.Path], Mapping[str, Any]],
-    argv: Sequence[str] | None = None,
-    description: str | None = None,
+    run: Run, argv: Sequence[str] | None = None, *legacy: Any, **legacy_kw: Any
 ) -> dict[str, Any]:
-    """Command-line entry: parse, make workdir, save config, run, time, write metrics.json.
+    """Command-line entry of an experiment: parse, make workdir, save config, run, time, write.
 
-    `run(config, data_dir, workdir)` returns flat scalar metrics; `seconds` (wall clock of
-    `run`) is added. Returns the metrics as written.
+    ``run(config, data_dir, workdir)`` returns flat scalar metrics; ``seconds`` (wall clock of
+    ``run``) is added and the metrics are written to ``WORKDIR/metrics.json`` (and printed).
+    ``argv`` excludes the program name (default ``sys.argv[1:]``); see `parse_args`. Returns
+    the metrics as written.
     """
-    config, data_dir, workdir = parse_args(argv, get_config, description)
+    if callable(argv):  # transition: main(get_config, run, argv) until every experiment moves
+        from experiments import _legacy_cli
+
+        config, data_dir, workdir = _legacy_cli.parse_args(legacy[0] if legacy else None, run)
+        run = argv
+    else:
+        config, data_dir, workdir = parse_args(run, argv)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     start = time.perf_counter()

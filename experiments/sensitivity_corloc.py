@@ -81,7 +81,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from experiments import common
@@ -300,14 +299,6 @@ def find_datasets(data_dir: pathlib.Path, dataset: str) -> dict[str, pathlib.Pat
     return found
 
 
-def load_resized(path: str, size: int) -> np.ndarray:
-    """The whole image as ``(size, size, 3)`` float32 pixels in [0, 255] (bilinear, antialiased)."""
-    from fgloc.data.images import load_image
-
-    img = Image.fromarray(load_image(path)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(img, np.float32)
-
-
 # ----------------------------------------------------------------------------- maps
 
 
@@ -352,6 +343,8 @@ def compute_maps(
     records: Records, net: Any, config: Settings, cache_dir: pathlib.Path
 ) -> dict[str, np.ndarray]:
     """Pooled sensitivity maps ``(N, c, c)`` and classes for all records, cached per chunk."""
+    from fgloc.data.pipeline import load_resized
+
     size = int(config.input_size) or int(net.input_size)
     if config.target_class == "label" and np.any(records.labels < 0):
         raise ValueError(f"target_class='label' needs ImageNet labels; {records.name} has none")
@@ -378,7 +371,7 @@ def compute_maps(
             for b in range(0, len(idx), bs):
                 sel = idx[b : b + bs]
                 raw = np.zeros((bs, size, size, 3), np.float32)
-                raw[: len(sel)] = np.stack([load_resized(str(records.paths[i]), size) for i in sel])
+                raw[: len(sel)] = load_resized([str(records.paths[i]) for i in sel], size)[0]
                 labels = np.zeros(bs, np.int32)
                 labels[: len(sel)] = np.maximum(records.labels[sel], 0)
                 out = jax.device_get(step(jnp.asarray(raw), jnp.asarray(labels)))

@@ -14,7 +14,11 @@ from experiments import cam_class_units, cam_cub, cam_imagenet, common
 # ----------------------------------------------------------------------------- common
 
 
-def _config(preset: str = "default") -> ml_collections.ConfigDict:
+_CONFIG_FILE = """
+import ml_collections
+
+
+def get_config(name=None):
     c = ml_collections.ConfigDict()
     c.size = 224
     c.lr = 0.1
@@ -22,23 +26,58 @@ def _config(preset: str = "default") -> ml_collections.ConfigDict:
     c.flag = False
     c.layers = ("x",)
     c.sub = ml_collections.ConfigDict({"k": 1})
-    if preset == "smoke":
+    if name == "smoke":
         c.size = 32
+    elif name not in (None, "default"):
+        raise ValueError(f"unknown preset {name!r}")
     return c
+"""
 
 
-def test_parse_args_types_overrides_by_field(tmp_path):
-    argv = ["--data_dir", str(tmp_path), "--workdir", "w", "--preset", "smoke"]
-    argv += ["--config.lr=0.5", "--config.flag", "true", "--config.layers=('a','b')"]
+def _run_fn(config, data_dir, workdir):
+    return {"n_images": 2, "value": config.lr * 2, "data": str(data_dir)}
+
+
+def _config_file(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text(_CONFIG_FILE)
+    return str(path)
+
+
+def test_parse_args_types_overrides_by_field(tmp_path, capsys):
+    cfg = _config_file(tmp_path)
+    argv = ["--config", f"{cfg}:smoke", "--workdir", "w", "--data_dir", str(tmp_path)]
+    argv += ["--config.lr=0.5", "--config.flag=true", "--config.layers=('a','b')"]
     argv += ["--config.sub.k=7", "--config.name=5"]
-    config, data_dir, workdir = common.parse_args(argv, _config)
+    config, data_dir, workdir = common.parse_args(_run_fn, argv)
     assert (config.size, config.lr, config.flag, config.sub.k) == (32, 0.5, True, 7)
     assert config.layers == ("a", "b") and config.name == "5"  # a str field stays a str
     assert data_dir == tmp_path and str(workdir) == "w"
-    with pytest.raises(KeyError, match="no field 'sze'"):
-        common.parse_args(["--data_dir", "d", "--workdir", "w", "--config.sze=3"], _config)
-    with pytest.raises(ValueError, match=r"--config.size='big'"):
-        common.parse_args(["--data_dir", "d", "--workdir", "w", "--config.size=big"], _config)
+    config, data_dir, _ = common.parse_args(_run_fn, ["--config", cfg, "--workdir", "w"])
+    assert config.size == 224 and str(data_dir) == "../shared/data"  # the default data folder
+    for bad, message in (
+        (["--config.sze=3"], "Did you mean"),
+        (["--config.size=big"], "--config.size=big"),
+        (["--bogus=1"], "bogus"),
+        (["extra"], "unexpected arguments"),
+    ):
+        with pytest.raises(SystemExit) as err:
+            common.parse_args(_run_fn, ["--config", cfg, "--workdir", "w", *bad])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.parse_args(_run_fn, ["--config", f"{cfg}:nope", "--workdir", "w"])
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.parse_args(_run_fn, ["--config", cfg])
+    assert "--workdir is required" in capsys.readouterr().err
+
+
+def test_apply_overrides_uses_config_flags_typing():
+    c = ml_collections.ConfigDict({"a": 1, "t": (1, 2), "s": "x", "sub": {"b": 0.5}})
+    assert common.apply_overrides(c, ["a=3", "t=(4,5,6)", "sub.b=2", "s=5"]) is c
+    assert (c.a, c.t, c.s, c.sub.b) == (3, (4, 5, 6), "5", 2.0)
+    with pytest.raises(AttributeError):
+        common.apply_overrides(c, ["zz=3"])
 
 
 def test_resolve_data_dir_accepts_folder_or_its_parent(tmp_path):
@@ -138,14 +177,13 @@ def test_cached_cells_rejects_repeated_ids_and_bad_shapes(tmp_path):
 
 
 def test_main_writes_metrics_and_config(tmp_path):
-    def run(config, data_dir, workdir):
-        return {"n_images": 2, "value": config.lr * 2}
-
-    out = common.main(_config, run, ["--data_dir", "d", "--workdir", str(tmp_path)])
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    cfg = _config_file(tmp_path)
+    work = tmp_path / "run"
+    out = common.main(_run_fn, ["--config", cfg, "--workdir", str(work), "--data_dir", "d"])
+    saved = json.loads((work / "metrics.json").read_text())
     assert saved["value"] == 0.2 and saved["n_images"] == 2 and saved["seconds"] >= 0
-    assert out["value"] == 0.2
-    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.1
+    assert out["value"] == 0.2 and saved["data"] == "d"
+    assert json.loads((work / "config.json").read_text())["lr"] == 0.1
 
 
 # ----------------------------------------------------------------------------- CAM helpers

@@ -32,10 +32,7 @@ def test_settings_from_config_types_and_errors():
 
 
 def test_config_overrides_are_typed():
-    config, _, _ = common.parse_args(
-        ["--data_dir", "d", "--workdir", "w", "--config.pool_sizes=(4, 8)", "--config.seed=3"],
-        exp.get_config,
-    )
+    config = common.apply_overrides(exp.get_config(), ["pool_sizes=(4, 8)", "seed=3"])
     s = exp.Settings.from_config(config)
     assert s.pool_sizes == (4, 8) and s.seed == 3
 

@@ -118,6 +118,57 @@ def test_resize_image_errors():
         pipeline.resize_image(np.zeros((4, 4, 3), np.uint8), (2, 2), box=[0, 0, 5, 4])
 
 
+def test_crop_resize_rounds_outwards_clips_and_keeps_the_crop_only():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)
+    px, used = pipeline.crop_resize(image, [40.2, 10.0, 79.6, 49.5], 20)
+    np.testing.assert_array_equal(used, [40, 10, 80, 50])  # floor / ceil
+    assert px.shape == (20, 20, 3) and px.dtype == np.float32
+    # The reference: slice the integer crop, resize it as a whole image with PIL (no pixel
+    # outside the crop contributes, unlike PIL's resize(box=...)).
+    ref = Image.fromarray(image[10:50, 40:80]).resize((20, 20), Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(px, np.asarray(ref, np.float32))
+    # Boxes past the border are clipped; an empty box still gets one pixel; None: whole image.
+    _, used = pipeline.crop_resize(image, [-5.0, -3.0, 90.0, 60.0], 8)
+    np.testing.assert_array_equal(used, [0, 0, 80, 50])
+    _, used = pipeline.crop_resize(image, [85.0, 7.5, 85.0, 7.5], 8)
+    np.testing.assert_array_equal(used, [79, 7, 80, 8])
+    px, used = pipeline.crop_resize(image, None, 16)
+    np.testing.assert_array_equal(used, [0, 0, 80, 50])
+    np.testing.assert_array_equal(px, pipeline.resize_image(image, (16, 16)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        pipeline.crop_resize(np.zeros((5, 5)), None, 4)
+
+
+def test_crop_resize_geometry_is_the_affine_of_the_used_box():
+    """A blob's centre after crop_resize lands where crop_resize_affine(used_box) sends it."""
+    image = _blob(50, 80, 37, 22)
+    px, used = pipeline.crop_resize(image, [13.5, 7.25, 71.0, 45.5], 64)
+    a = pipeline.crop_resize_affine(used, (64, 64))
+    expect = pipeline.transform_points(np.array([37.0, 22.0]), a)
+    np.testing.assert_allclose(_centroid(px), expect, atol=0.05)
+
+
+def test_load_resized_whole_and_cropped(tmp_path: pathlib.Path):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (24, 18, 3), dtype=np.uint8)
+    paths = []
+    for name, img in (("a.png", a), ("b.png", b)):
+        Image.fromarray(img).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    imgs, sizes = pipeline.load_resized(paths, 12)
+    assert imgs.dtype == np.uint8 and imgs.shape == (2, 12, 12, 3)
+    np.testing.assert_array_equal(sizes, [[30, 40], [24, 18]])
+    np.testing.assert_array_equal(imgs[1], pipeline.resize_image(b, (12, 12)))
+    boxes = np.array([[5.5, 2.0, 30.0, 20.0], [0.0, 0.0, 18.0, 24.0]])
+    crops, _ = pipeline.load_resized(paths, 12, boxes)
+    np.testing.assert_array_equal(crops[0], pipeline.crop_resize(a, boxes[0], 12)[0])
+    np.testing.assert_array_equal(crops[1], imgs[1])  # the whole-image box
+    empty, none = pipeline.load_resized([], 12)
+    assert empty.shape == (0, 12, 12, 3) and none.shape == (0, 2)
+
+
 # --------------------------------------------------------------------------- per example
 
 

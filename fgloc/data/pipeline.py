@@ -22,6 +22,11 @@ Modes of :func:`make_pipeline`:
 Keypoints outside the crop keep their (out-of-range) coordinates and their visibility flag:
 visibility is the annotation, not a property of the crop.
 
+The one resize path of fgloc: :func:`resize_image` (whole image, or a continuous box region),
+:func:`crop_resize` (a box rounded outwards to whole pixels, then resized) and
+:func:`load_resized` (files -> a batch of either) are what the experiments and the pipeline
+call; nothing else resizes photos.
+
 Every function on arrays here is pure numpy; :func:`make_pipeline` wraps them in a
 ``grain.MapDataset`` over any random-access source of example dicts (a ``tfds.data_source`` of
 ``cub200_2011_parts``, or :meth:`fgloc.data.imagenet.ImagenetAnnotations.as_source`).
@@ -29,6 +34,7 @@ Every function on arrays here is pure numpy; :func:`make_pipeline` wraps them in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -114,6 +120,63 @@ def resize_image(
         pil_box = (x0, y0, x1, y1)
     out = Image.fromarray(image).resize((w_out, h_out), resample=resample, box=pil_box)
     return np.asarray(out, dtype=np.uint8)
+
+
+def crop_resize(
+    image: np.ndarray, box: Sequence[float] | np.ndarray | None, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crops ``image (H, W, 3)`` to ``box`` rounded outwards to whole pixels, resizes to ``size²``.
+
+    The float ``box = [x0, y0, x1, y1]`` becomes ``[floor x0, floor y0, ceil x1, ceil y1]``,
+    clipped to the image (CUB boxes may run past the border) and at least one pixel wide and
+    high; ``None`` is the whole image. The integer crop is resized as a whole image
+    (:func:`resize_image`, bilinear, antialiased when shrinking), so no pixel outside the crop
+    enters the result. The image is cast to ``uint8`` first.
+
+    Returns:
+      ``(pixels (size, size, 3) float32 in [0, 255], used_box (4,) float32)``: ``used_box`` is
+      the integer region actually resized; its geometry is
+      ``crop_resize_affine(used_box, (size, size))`` (e.g. for mapping points back with
+      :func:`invert_affine`).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"crop_resize: image must be (H, W, 3), got {image.shape}")
+    h, w = image.shape[:2]
+    if box is None:
+        x0, y0, x1, y1 = 0, 0, w, h
+    else:
+        x0 = int(np.clip(np.floor(box[0]), 0, w - 1))
+        y0 = int(np.clip(np.floor(box[1]), 0, h - 1))
+        x1 = int(np.clip(np.ceil(box[2]), x0 + 1, w))
+        y1 = int(np.clip(np.ceil(box[3]), y0 + 1, h))
+    crop = np.ascontiguousarray(image[y0:y1, x0:x1]).astype(np.uint8)
+    pixels = resize_image(crop, (size, size)).astype(np.float32)
+    return pixels, np.asarray([x0, y0, x1, y1], np.float32)
+
+
+def load_resized(
+    paths: Sequence[str | os.PathLike], size: int, boxes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loads photos (:func:`fgloc.data.images.load_image`) squashed to ``size²``.
+
+    Whole images go through :func:`resize_image`; with ``boxes`` ``(B, 4)`` (original pixels)
+    each image is cropped with :func:`crop_resize` first.
+
+    Returns:
+      ``uint8 (B, size, size, 3)`` raw pixels and the original sizes ``(B, 2)`` as ``(H, W)``.
+    """
+    out, sizes = [], []
+    for i, path in enumerate(paths):
+        img = images.load_image(path)
+        sizes.append(img.shape[:2])
+        if boxes is None:
+            out.append(resize_image(img, (size, size)))
+        else:
+            out.append(crop_resize(img, np.asarray(boxes[i], np.float64), size)[0].astype(np.uint8))
+    if not out:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, 2), np.int64)
+    return np.stack(out), np.asarray(sizes, np.int64)
 
 
 # ----------------------------------------------------------------------------- per-example
