@@ -119,29 +119,37 @@ def test_jit_equals_eager_and_vmap_equals_batched():
     np.testing.assert_allclose(np.asarray(per), eager, rtol=1e-6)
 
 
+# jitted once per static configuration (eager dispatch compiles every primitive on first use)
+_ct = jax.jit(CT.coordinate_transfer, static_argnames=("size", "pool"))
+_ct_px = jax.jit(CT.coordinate_transfer_pixels, static_argnames=("stride", "size", "pool"))
+_at_argmax = jax.jit(
+    CT.pool_at_argmax, static_argnames=("size", "pool", "heatmap_stride", "feature_stride")
+)
+
+
 def test_pixels_helper_and_pool_at_argmax():
     f, _, _ = _data(seed=4, b=2, h=6, w=8, p=3)
     s = 16.0
     kp = np.array([[[40.0, 24.0], [0.0, 0.0], [127.0, 95.0]]] * 2, np.float32)
     vis = np.ones((2, 3), bool)
-    a = CT.coordinate_transfer_pixels(f, kp, vis, s)[0]
-    b = CT.coordinate_transfer(f, kp / s - 0.5, vis)[0]
+    a = _ct_px(f, kp, vis, s)[0]
+    b = _ct(f, kp / s - 0.5, vis)[0]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b))
     # heatmaps on the same grid with peaks at known cells
     z = np.full((2, 6, 8, 3), -5.0, np.float32)
     peaks = [(2, 1), (0, 0), (5, 7)]  # (row, col)
     for p, (r, c) in enumerate(peaks):
         z[:, r, c, p] = 5.0
-    pooled, pvis, cells = CT.pool_at_argmax(f, z)
+    pooled, pvis, cells = _at_argmax(f, z)
     np.testing.assert_allclose(np.asarray(cells)[0], [[1, 2], [0, 0], [7, 5]])
-    ref = CT.coordinate_transfer(f, np.asarray(cells), vis)[0]
+    ref = _ct(f, np.asarray(cells), vis)[0]
     np.testing.assert_allclose(np.asarray(pooled), np.asarray(ref))
     assert np.asarray(pvis).all()
     # a heatmap at twice the feature stride: cell (i, j) -> feature cell 2j + 0.5, 2i + 0.5
     zc = np.full((2, 3, 4, 1), -5.0, np.float32)
     zc[:, 1, 2, 0] = 5.0
-    _, _, c1 = CT.pool_at_argmax(f, zc)
-    _, _, c2 = CT.pool_at_argmax(f, zc, heatmap_stride=32, feature_stride=16)
+    _, _, c1 = _at_argmax(f, zc)
+    _, _, c2 = _at_argmax(f, zc, heatmap_stride=32, feature_stride=16)
     np.testing.assert_allclose(np.asarray(c1)[0, 0], [4.5, 2.5])
     np.testing.assert_allclose(np.asarray(c2), np.asarray(c1))
 

@@ -184,7 +184,23 @@ def test_decoders_recover_subcell_keypoint_from_gaussian():
     cells = rng.uniform(2.5, [w - 3.5, h - 3.5], size=(b, p, 2))
     z = jnp.asarray(_gaussian_logits(cells, (h, w), sigma), jnp.float32)
     truth = (cells + 0.5) * s
-    arg = K.decode_argmax(z, s)
+    # softmax-trained maps: logits = log Gaussian (+ const) decode the same way
+    du = np.arange(w)[None, None, :, None] - cells[..., 0][:, None, None, :]
+    dv = np.arange(h)[None, :, None, None] - cells[..., 1][:, None, None, :]
+    zs = jnp.asarray(3.0 - (du**2 + dv**2) / (2 * sigma**2), jnp.float32)
+
+    @jax.jit  # one compilation for all decoders (eager dispatch is slow on the shared CPU)
+    def decode_all(z, zs):
+        return (
+            K.decode_argmax(z, s),
+            K.decode_soft_argmax(z, s, window=5),
+            K.decode_dark(z, s),
+            K.decode_soft_argmax(zs, s, activation="softmax"),
+            K.decode_dark(zs, s, activation="softmax"),
+            K.decode_argmax(zs, s, activation="softmax"),
+        )
+
+    arg, soft, dark, soft_s, dark_s, arg_s = decode_all(z, zs)
     err_arg = np.abs(np.asarray(arg.keypoints) - truth) / s
     assert err_arg.max() <= 0.5 + 1e-6
     np.testing.assert_allclose(
@@ -192,20 +208,13 @@ def test_decoders_recover_subcell_keypoint_from_gaussian():
         0.9 * np.exp(-((np.round(cells) - cells) ** 2).sum(-1) / (2 * sigma**2)),
         rtol=1e-4,
     )
-    soft = K.decode_soft_argmax(z, s, window=5)
     assert np.abs(np.asarray(soft.keypoints) - truth).max() / s < 0.05
-    dark = K.decode_dark(z, s)
     assert np.abs(np.asarray(dark.keypoints) - truth).max() / s < 1e-3  # exact on a quadratic
-    # softmax-trained maps: logits = log Gaussian (+ const) decode the same way
-    du = np.arange(w)[None, None, :, None] - cells[..., 0][:, None, None, :]
-    dv = np.arange(h)[None, :, None, None] - cells[..., 1][:, None, None, :]
-    zs = jnp.asarray(3.0 - (du**2 + dv**2) / (2 * sigma**2), jnp.float32)
-    for fn in (K.decode_soft_argmax, K.decode_dark):
-        out = fn(zs, s, activation="softmax")
+    for out in (soft_s, dark_s):
         assert np.abs(np.asarray(out.keypoints) - truth).max() / s < 0.05
-    conf = np.asarray(K.decode_argmax(zs, s, activation="softmax").confidence)
     zf = np.asarray(zs).transpose(0, 3, 1, 2).reshape(b, p, -1)
-    np.testing.assert_allclose(conf, np.exp(zf.max(-1)) / np.exp(zf).sum(-1), rtol=1e-5)
+    expect = np.exp(zf.max(-1)) / np.exp(zf).sum(-1)
+    np.testing.assert_allclose(np.asarray(arg_s.confidence), expect, rtol=1e-5)
 
 
 def test_dark_with_smoothing_and_border_and_flat_maps():
