@@ -56,7 +56,7 @@ import numpy as np
 
 from experiments import common
 
-__all__ = ["ALPHAS", "run", "validate_config"]
+__all__ = ["ALPHAS", "check_annotations", "run", "save_figure", "validate_config"]
 
 ALPHAS = (0.02, 0.05, 0.08, 0.10)
 EXTRA_HEADS = ("paper_setting", "paper_stride16", "floor")
@@ -86,7 +86,10 @@ def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> No
     def bad(name: str, why: str) -> None:
         raise ValueError(f"config.{name}: {why}")
 
-    if config.input_size < 32 or config.input_size % 32:
+    if config.input_size < 32:
+        bad("input_size", f"must be at least 32 pixels, got {config.input_size}")
+    if config.backbone.startswith("efficientnet") and config.input_size % 32:
+        # TF "SAME" padding puts the cells of a map on the s-pixel grid only then
         bad("input_size", f"must be a positive multiple of 32 pixels, got {config.input_size}")
     if config.eval_split not in ("test", "val"):
         bad("eval_split", f"must be 'test' or 'val', got {config.eval_split!r}")
@@ -158,29 +161,48 @@ def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> No
 
 
 # ------------------------------------------------------------------------------------ data
+def check_annotations(ann: Any) -> Any:
+    """``ann`` if it has the 15 CUB parts and some visible keypoint; else ValueError naming
+    what is wrong (paper 2's metrics, flip pairs and part groups are defined on them)."""
+    from fgloc.metrics import CUB_PART_NAMES
+
+    n = ann.parts.shape[1]
+    if n != len(CUB_PART_NAMES) or tuple(ann.part_names) != CUB_PART_NAMES:
+        raise ValueError(
+            f"{ann.source}: the annotations have {n} parts {list(ann.part_names)}; paper 2's "
+            f"evaluation needs the {len(CUB_PART_NAMES)} CUB parts {list(CUB_PART_NAMES)}"
+        )
+    if not ann.visible.any():
+        raise ValueError(f"{ann.source}: no keypoint is visible in any image")
+    return ann
+
+
 def _subset(n: int, k: int, seed: int) -> np.ndarray:
     if not k or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
-def _splits(ann: Any, config: Any) -> tuple[Any, Any]:
-    """(train, eval) annotations: the official test split, or a held-out part of train."""
+def _splits(ann: Any, config: Any) -> dict[str, tuple[Any, np.ndarray]]:
+    """``{"train": (split, index), "eval": (split, index)}``: the official CUB splits the
+    images come from (``train`` / ``test``) and the positions used in them. ``eval_split="val"``
+    holds out ``val_fraction`` of the *training* images (the test split is never read); both
+    then index the official train split, so they share its feature caches."""
     if config.max_classes:
         keep = np.unique(ann.labels)[: config.max_classes]
         ann = ann.subset(np.isin(ann.labels, keep))
     train = ann.split("train")
     if config.eval_split == "val":
-        rng = np.random.default_rng(config.seed)
-        order = rng.permutation(len(train))
+        order = np.random.default_rng(config.seed).permutation(len(train))
         n_val = max(1, int(round(config.val_fraction * len(train))))
-        evals = train.subset(np.sort(order[:n_val]))
-        train = train.subset(np.sort(order[n_val:]))
+        idx_eval, idx_train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        base_eval = train
     else:
-        evals = ann.split("test")
-    train = train.subset(_subset(len(train), config.max_train, config.seed))
-    evals = evals.subset(_subset(len(evals), config.max_test, config.seed))
-    return train, evals
+        base_eval = ann.split("test")
+        idx_train, idx_eval = np.arange(len(train)), np.arange(len(base_eval))
+    idx_train = idx_train[_subset(len(idx_train), config.max_train, config.seed)]
+    idx_eval = idx_eval[_subset(len(idx_eval), config.max_test, config.seed)]
+    return {"train": (train, idx_train), "eval": (base_eval, idx_eval)}
 
 
 def _input_keypoints(ann: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,15 +231,21 @@ def _to_original(xy: np.ndarray, sizes: np.ndarray, size: int) -> np.ndarray:
 
 def _extract(
     p: Any,
-    ann: Any,
+    base: Any,
+    positions: np.ndarray,
     config: Any,
     layers: Sequence[str],
     flip: bool,
-    workdir: pathlib.Path,
+    feature_dir: pathlib.Path,
     tag: str,
 ) -> dict[str, np.ndarray]:
-    """Cached backbone maps ``{layer: (N, h, w, C)}`` (``config.cache_dtype``) of the images of
-    ``ann`` squashed to ``input_size``² (mirrored when ``flip``); one cache file per chunk."""
+    """Cached backbone maps ``{layer: (len(positions), h, w, C)}`` (``config.cache_dtype``) of
+    the images ``base[positions]`` squashed to ``input_size``² (mirrored when ``flip``).
+
+    One cache file per chunk of ``4 · extract_batch`` consecutive images of the official split
+    ``base`` (``tag``), keyed by backbone, size, flip, layers and the chunk's files, so runs on
+    the same images (a test run and a train/val run) share them and an interruption loses one
+    chunk."""
     from tqdm.auto import tqdm
 
     from fgloc.data.pipeline import load_resized
@@ -235,10 +263,15 @@ def _extract(
     )
     chunk = 4 * bs
     out: dict[str, list[np.ndarray]] = {k: [] for k in layers}
-    paths = list(ann.paths)
-    bar = tqdm(range(0, len(paths), chunk), desc=f"features {tag}", disable=not config.progress)
+    paths = np.asarray(base.paths)
+    positions = np.asarray(positions, np.int64)
+    order = np.argsort(positions, kind="stable")
+    wanted = positions[order]
+    starts = sorted({int(i) // chunk * chunk for i in wanted})
+    bar = tqdm(starts, desc=f"features {tag}", disable=not config.progress)
     for start in bar:
-        files = paths[start : start + chunk]
+        need = wanted[(wanted >= start) & (wanted < start + chunk)]
+        files = [str(f) for f in paths[np.unique(need)]]
         key = {
             "backbone": config.backbone,
             "size": size,
@@ -264,10 +297,14 @@ def _extract(
             return {k: np.concatenate(v) for k, v in res.items()}
 
         name = f"{tag}_{'flip' if flip else 'orig'}_{start:05d}.npz"
-        got = common.cached_npz(workdir / "features" / name, compute, key)
+        got = common.cached_npz(feature_dir / name, compute, key)
+        rows = np.searchsorted(np.unique(need), need)
         for k in layers:
-            out[k].append(got[k])
-    return {k: np.concatenate(v) for k, v in out.items()}
+            out[k].append(got[k][rows])
+    merged = {k: np.concatenate(v) for k, v in out.items()}
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return {k: v[inverse] for k, v in merged.items()}
 
 
 def _stride(size: int, width: int) -> float:
@@ -391,10 +428,9 @@ def save_figure(
 
 # ------------------------------------------------------------------------------------- run
 def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
-    from fgloc.localize.keypoint_predictor import KeypointPredictor
-
     from fgloc.data.cub import NUM_PARTS, read_cub
     from fgloc.localize import keypoints as kpt
+    from fgloc.localize.keypoint_predictor import KeypointPredictor
     from fgloc.metrics import CUB_PART_NAMES, pck
     from fgloc.models.keypoint_fcn import JointClassifier, KeypointFCN
     from fgloc.pretrained import pretrained
@@ -407,13 +443,10 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     names = _layer_names(p, size)
     validate_config(config, names)
     root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
-    ann = read_cub(root)
-    if ann.parts.shape[1] != NUM_PARTS or len(ann.part_names) != NUM_PARTS:
-        raise ValueError(
-            f"{root}: {ann.parts.shape[1]} parts per image, paper 2's evaluation needs the "
-            f"{NUM_PARTS} CUB parts {CUB_PART_NAMES}"
-        )
-    train, evals = _splits(ann, config)
+    ann = check_annotations(read_cub(root))
+    splits = _splits(ann, config)
+    train = splits["train"][0].subset(splits["train"][1])
+    evals = splits["eval"][0].subset(splits["eval"][1])
     classes = np.unique(train.labels)
     missing = sorted(set(evals.labels.tolist()) - set(classes.tolist()))
     if missing:
@@ -433,14 +466,28 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         | ({config.kp_ft.start_at} if config.kp_ft.enabled else set()),
         key=names.index,
     )
-    feats = {
-        ("train", False): _extract(p, train, config, cached, False, workdir, "train"),
-        ("eval", False): _extract(p, evals, config, cached, False, workdir, config.eval_split),
-    }
-    if config.flip_train:
-        feats["train", True] = _extract(p, train, config, cached, True, workdir, "train")
-    if config.flip_test:
-        feats["eval", True] = _extract(p, evals, config, cached, True, workdir, config.eval_split)
+    feature_dir = pathlib.Path(config.feature_dir) if config.feature_dir else workdir / "features"
+    base_tr, idx_tr = splits["train"]
+    base_ev, idx_ev = splits["eval"]
+    feats: dict[tuple[str, bool], dict[str, np.ndarray]] = {}
+    for flip in (False, True):
+        if flip and not (config.flip_train or config.flip_test):
+            continue
+        if config.eval_split == "val":  # both index the train split: one extraction
+            both = _extract(
+                p, base_tr, np.concatenate([idx_tr, idx_ev]), config, cached, flip,
+                feature_dir, "train",
+            )  # fmt: skip
+            n = len(idx_tr)
+            feats["train", flip] = {k: v[:n] for k, v in both.items()}
+            feats["eval", flip] = {k: v[n:] for k, v in both.items()}
+        else:
+            feats["train", flip] = _extract(
+                p, base_tr, idx_tr, config, cached, flip, feature_dir, "train"
+            )
+            feats["eval", flip] = _extract(
+                p, base_ev, idx_ev, config, cached, flip, feature_dir, "test"
+            )
     seconds["extract"] = time.perf_counter() - t0
 
     kp_tr, vis_tr = _input_keypoints(train, size)
@@ -688,263 +735,274 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     save_figure(evals, best["pred"], workdir / "keypoints_cub.png", config.num_figure, config.seed)
 
     # ----------------------------------------------------------------- classification net
-    t0 = time.perf_counter()
-    cls_start = config.cls.start_at
-    part_layer = config.cls.part_layer
-    n_cls = len(classes)
+    if config.cls.enabled:
+        t0 = time.perf_counter()
+        cls_start = config.cls.start_at
+        part_layer = config.cls.part_layer
+        n_cls = len(classes)
 
-    def joint_model(holistic: str, with_parts: bool = True) -> JointClassifier:
-        return JointClassifier(
-            num_classes=n_cls,
-            backbone=p.model,
-            part_layer=part_layer,
-            holistic_layer=part_layer,
-            holistic=holistic,
-            bilinear_dim=config.cls.bilinear_dim,
-            pool_size=config.cls.pool_size,
-            pool=config.cls.pool,
-            normalize_parts=True,
-            dropout_rate=config.cls.dropout,
-        )
-
-    bb_vars = {c: {"backbone": v} for c, v in p.variables.items()}
-    from fgloc.train.keypoints import _joint_forward, _late_features
-
-    sample = {cls_start: jnp.zeros((1, *feats["train", False][cls_start].shape[1:]))}
-    sample_map = p.model.apply(
-        p.variables, sample[cls_start], False, None, start_at=cls_start, method="features"
-    )[1][part_layer]
-    part_w = int(sample_map.shape[2])
-    part_stride = _stride(size, part_w)
-    z_cells = jnp.zeros((1, NUM_PARTS, 2))
-    z_vis = jnp.ones((1, NUM_PARTS), bool)
-    pooling = {}
-    for kind in ("gap", config.cls.bilinear):
-        m = joint_model(kind)
-        v = m.init(
-            jax.random.key(0), {part_layer: sample_map}, z_cells, z_vis, method=m.from_features
-        )
-        pooling[kind] = (m, v)
-
-    def vectors(maps: np.ndarray, kp: np.ndarray, vis: np.ndarray) -> dict[str, np.ndarray]:
-        """Fixed-feature vectors per image (the coordinate transfer of the fixed part map at
-        ``kp``, and the holistic features): ``parts`` (P·C), ``gap`` (C), ``bil`` (D)."""
-
-        @jax.jit
-        def fn(batch):
-            f = joint_model("gap").apply(
-                bb_vars,
-                {cls_start: batch["maps"]},
-                cls_start,
-                None if part_layer == "pre_pool" else part_layer,
-                method=_late_features,
+        def joint_model(holistic: str, with_parts: bool = True) -> JointClassifier:
+            return JointClassifier(
+                num_classes=n_cls,
+                backbone=p.model,
+                part_layer=part_layer,
+                holistic_layer=part_layer,
+                holistic=holistic,
+                bilinear_dim=config.cls.bilinear_dim,
+                pool_size=config.cls.pool_size,
+                pool=config.cls.pool,
+                normalize_parts=True,
+                dropout_rate=config.cls.dropout,
             )
-            pl = {part_layer: f[part_layer]}
-            cells = kpt.pixels_to_cells(batch["kp"], part_stride)
-            out = {}
-            for kind, (m, v) in pooling.items():
-                _, inter = m.apply(v, pl, cells, batch["vis"], method=m.from_features)
-                out["gap" if kind == "gap" else "bil"] = inter["holistic"]
-                out["parts"] = inter["parts"].reshape(len(cells), -1)
-            return out
 
-        return _concat(_batched(fn, {"maps": maps, "kp": kp, "vis": vis}, config.cls.batch_size))
+        bb_vars = {c: {"backbone": v} for c, v in p.variables.items()}
+        from fgloc.train.keypoints import _joint_forward, _late_features
 
-    tr_maps = feats["train", False][cls_start]
-    v_tr = vectors(tr_maps, kp_tr, vis_tr)
-    if config.flip_train:
-        v_trf = vectors(feats["train", True][cls_start], kp_tr_f, vis_tr_f)
-        v_tr = {k: np.concatenate([v_tr[k], v_trf[k]]) for k in v_tr}
-    y_tr2 = np.concatenate([y_train, y_train]) if config.flip_train else y_train
-
-    # test-time parts: the final keypoint predictions; visibility from a confidence threshold
-    # chosen on the training images
-    tr_maps_final = {
-        k: feats["train", False][k] for k in (layers2 if config.kp_ft.enabled else kp_layers)
-    }
-    tr_logits, _ = _heatmaps(final_model, final_vars, tr_maps_final, final_start, final_stop, bs)
-    _, tr_conf = _decode(tr_logits, stride, config.decoder, act, config)
-    threshold = _best_threshold(tr_conf, vis_tr)
-    metrics["cls_part_threshold"] = threshold
-    vis_pred = best["conf"] >= threshold
-    metrics["part_visibility_acc"] = float(np.mean(vis_pred == vis_ev))
-    ev_maps = feats["eval", False][cls_start]
-    v_ev = vectors(ev_maps, best["xy"], vis_pred)
-    v_ev_gt = vectors(ev_maps, kp_ev, vis_ev)
-    # keypoint-features baseline: GAP of the fused map of the final localization net
-    final_layers = layers2 if config.kp_ft.enabled else kp_layers
-
-    def kf_maps(split: str, flip: bool) -> dict[str, np.ndarray]:
-        return {k: feats[split, flip][k] for k in final_layers}
-
-    _, kf_tr = _heatmaps(
-        final_model, final_vars, kf_maps("train", False), final_start, final_stop, bs, True
-    )
-    if config.flip_train:
-        _, kf_trf = _heatmaps(
-            final_model, final_vars, kf_maps("train", True), final_start, final_stop, bs, True
-        )
-        kf_tr = np.concatenate([kf_tr, kf_trf])
-    _, kf_ev = _heatmaps(
-        final_model, final_vars, kf_maps("eval", False), final_start, final_stop, bs, True
-    )
-    seconds["cls_features"] = time.perf_counter() - t0
-
-    def joint_of(v: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
-        return {
-            "holistic": v["gap"],
-            "holistic_bilinear": v["bil"],
-            "joint": np.concatenate([v["parts"], v["gap"]], -1),
-            "joint_bilinear": np.concatenate([v["parts"], v["bil"]], -1),
-        }[kind]
-
-    def train_classifier(tag: str, x_tr: np.ndarray, holistic: str) -> tuple[JointClassifier, dict]:
-        model = joint_model(holistic)
-        params = model.init(
-            jax.random.key(config.seed),
-            {"joint": jnp.zeros((1, x_tr.shape[1]))},
-            None,
-            None,
-            None,
-            False,
-            method=_joint_forward,
-        )["params"]
-        cfg = {
-            "kind": tag,
-            "dim": int(x_tr.shape[1]),
-            "lr": config.cls.learning_rate,
-            "wd": config.cls.weight_decay,
-            "steps": config.cls.steps,
-            "bs": config.cls.batch_size,
-            "pool": [config.cls.pool_size, config.cls.pool],
-            "bilinear": [config.cls.bilinear, config.cls.bilinear_dim],
-            "train": [str(f) for f in train.file_names],
-            "flip": config.flip_train,
-        }
-        info = stages.StageInfo.make("classifier", config.backbone, (part_layer,), size, cfg)
-        res = stages.train_stage(
-            stage_root / f"3_classifier_{tag}-{info.config_digest[:10]}",
-            info,
-            params=params,
-            frozen={},
-            loss_fn=stages.classifier_loss_fn(model),
-            tx=stages.make_optimizer(
-                config.cls.learning_rate, config.cls.steps, config.cls.weight_decay
-            ),
-            arrays={
-                "joint": x_tr.astype(np.float32),
-                "label": y_tr2 if len(x_tr) == len(y_tr2) else y_train,
-            },
-            batch_size=config.cls.batch_size,
-            num_steps=config.cls.steps,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            num_devices=num_devices,
-            progress=config.progress,
-        )
-        seconds[f"stage_3_classifier_{tag}"] = res.seconds
-        return model, {"params": res.params}, info
-
-    def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> float:
-        fn = jax.jit(
-            lambda b: model.apply(variables, b, None, None, None, False, method=_joint_forward)
-        )
-        logits = _concat(
-            _batched(lambda b: fn(b), {"joint": x.astype(np.float32)}, config.cls.batch_size)
-        )
-        return float(np.mean(np.argmax(logits, -1) == y))
-
-    infos = {}
-    for kind, holistic in (
-        ("holistic", "gap"),
-        ("holistic_bilinear", config.cls.bilinear),
-        ("joint", "gap"),
-        ("joint_bilinear", config.cls.bilinear),
-    ):
-        model, variables, infos[kind] = train_classifier(kind, joint_of(v_tr, kind), holistic)
-        metrics[f"cls_acc_{kind}"] = accuracy(model, variables, joint_of(v_ev, kind), y_eval)
-        if kind.startswith("joint"):
-            metrics[f"cls_acc_{kind}_gt_parts"] = accuracy(
-                model, variables, joint_of(v_ev_gt, kind), y_eval
+        sample = {cls_start: jnp.zeros((1, *feats["train", False][cls_start].shape[1:]))}
+        sample_map = p.model.apply(
+            p.variables, sample[cls_start], False, None, start_at=cls_start, method="features"
+        )[1][part_layer]
+        part_w = int(sample_map.shape[2])
+        part_stride = _stride(size, part_w)
+        z_cells = jnp.zeros((1, NUM_PARTS, 2))
+        z_vis = jnp.ones((1, NUM_PARTS), bool)
+        pooling = {}
+        for kind in ("gap", config.cls.bilinear):
+            m = joint_model(kind)
+            v = m.init(
+                jax.random.key(0), {part_layer: sample_map}, z_cells, z_vis, method=m.from_features
             )
-        if kind == "joint_bilinear":
-            jb_model, jb_vars = model, variables
-    model, variables, _ = train_classifier("keypoint_features", kf_tr, "gap")
-    metrics["cls_acc_keypoint_features"] = accuracy(model, variables, kf_ev, y_eval)
+            pooling[kind] = (m, v)
 
-    # stage 4: fine-tune the classification net's layers after cls.start_at through the
-    # coordinate transfer (ground-truth parts), joint bilinear classifier
-    if config.cls_ft.enabled:
-        metrics["cls_acc_joint_bilinear_stage3"] = metrics["cls_acc_joint_bilinear"]
-        shape = (1, *tr_maps.shape[1:])
-        late, early = stages.late_backbone_params(
-            p.model, p.variables, cls_start, part_layer if part_layer != "pre_pool" else None, shape
-        )
-        params = {**jb_vars["params"], "backbone": late}
-        frozen = {
-            "params": {"backbone": early},
-            **{c: {"backbone": v} for c, v in p.variables.items() if c != "params"},
-        }
-        arrays = {cls_start: tr_maps, "keypoints": kp_tr, "visible": vis_tr, "label": y_train}
+        def vectors(maps: np.ndarray, kp: np.ndarray, vis: np.ndarray) -> dict[str, np.ndarray]:
+            """Fixed-feature vectors per image (the coordinate transfer of the fixed part map at
+            ``kp``, and the holistic features): ``parts`` (P·C), ``gap`` (C), ``bil`` (D)."""
+
+            @jax.jit
+            def fn(batch):
+                f = joint_model("gap").apply(
+                    bb_vars,
+                    {cls_start: batch["maps"]},
+                    cls_start,
+                    None if part_layer == "pre_pool" else part_layer,
+                    method=_late_features,
+                )
+                pl = {part_layer: f[part_layer]}
+                cells = kpt.pixels_to_cells(batch["kp"], part_stride)
+                out = {}
+                for kind, (m, v) in pooling.items():
+                    _, inter = m.apply(v, pl, cells, batch["vis"], method=m.from_features)
+                    out["gap" if kind == "gap" else "bil"] = inter["holistic"]
+                    out["parts"] = inter["parts"].reshape(len(cells), -1)
+                return out
+
+            return _concat(
+                _batched(fn, {"maps": maps, "kp": kp, "vis": vis}, config.cls.batch_size)
+            )
+
+        tr_maps = feats["train", False][cls_start]
+        v_tr = vectors(tr_maps, kp_tr, vis_tr)
         if config.flip_train:
-            arrays = {
-                cls_start: np.concatenate([tr_maps, feats["train", True][cls_start]]),
-                "keypoints": np.concatenate([kp_tr, kp_tr_f]),
-                "visible": np.concatenate([vis_tr, vis_tr_f]),
-                "label": y_tr2,
-            }
-        cls_stop = None if part_layer == "pre_pool" else part_layer
-        cfg4 = {
-            "lr": config.cls_ft.learning_rate,
-            "steps": config.cls_ft.steps,
-            "bs": config.cls_ft.batch_size,
-            "start_at": cls_start,
+            v_trf = vectors(feats["train", True][cls_start], kp_tr_f, vis_tr_f)
+            v_tr = {k: np.concatenate([v_tr[k], v_trf[k]]) for k in v_tr}
+        y_tr2 = np.concatenate([y_train, y_train]) if config.flip_train else y_train
+
+        # test-time parts: the final keypoint predictions; visibility from a confidence threshold
+        # chosen on the training images
+        tr_maps_final = {
+            k: feats["train", False][k] for k in (layers2 if config.kp_ft.enabled else kp_layers)
         }
-        info4 = stages.StageInfo.make(
-            "classifier_finetune",
-            config.backbone,
-            (cls_start,),
-            size,
-            cfg4,
-            parent=infos["joint_bilinear"],
+        tr_logits, _ = _heatmaps(
+            final_model, final_vars, tr_maps_final, final_start, final_stop, bs
         )
-        res4 = stages.train_stage(
-            stage_root / f"4_classifier_finetune-{info4.config_digest[:10]}",
-            info4,
-            params=params,
-            frozen=frozen,
-            loss_fn=stages.classifier_loss_fn(
-                jb_model, part_stride=part_stride, start_at=cls_start, stop_at=cls_stop
-            ),
-            tx=stages.make_optimizer(
-                config.cls_ft.learning_rate, config.cls_ft.steps, config.cls.weight_decay
-            ),
-            arrays=arrays,
-            batch_size=config.cls_ft.batch_size,
-            num_steps=config.cls_ft.steps,
-            seed=config.seed,
-            checkpoint_every=config.checkpoint_every,
-            num_devices=num_devices,
-            progress=config.progress,
+        _, tr_conf = _decode(tr_logits, stride, config.decoder, act, config)
+        threshold = _best_threshold(tr_conf, vis_tr)
+        metrics["cls_part_threshold"] = threshold
+        vis_pred = best["conf"] >= threshold
+        metrics["part_visibility_acc"] = float(np.mean(vis_pred == vis_ev))
+        ev_maps = feats["eval", False][cls_start]
+        v_ev = vectors(ev_maps, best["xy"], vis_pred)
+        v_ev_gt = vectors(ev_maps, kp_ev, vis_ev)
+        # keypoint-features baseline: GAP of the fused map of the final localization net
+        final_layers = layers2 if config.kp_ft.enabled else kp_layers
+
+        def kf_maps(split: str, flip: bool) -> dict[str, np.ndarray]:
+            return {k: feats[split, flip][k] for k in final_layers}
+
+        _, kf_tr = _heatmaps(
+            final_model, final_vars, kf_maps("train", False), final_start, final_stop, bs, True
         )
-        seconds["stage_4_classifier_finetune"] = res4.seconds
-        v4 = {**frozen, "params": stages.merge_params(res4.params, frozen["params"])}
-        fn = jax.jit(
-            lambda b: jb_model.apply(
-                v4, b, cls_start, cls_stop, part_stride, False, method=_joint_forward
+        if config.flip_train:
+            _, kf_trf = _heatmaps(
+                final_model, final_vars, kf_maps("train", True), final_start, final_stop, bs, True
             )
+            kf_tr = np.concatenate([kf_tr, kf_trf])
+        _, kf_ev = _heatmaps(
+            final_model, final_vars, kf_maps("eval", False), final_start, final_stop, bs, True
         )
-        for tag, kp_, vis_ in (("", best["xy"], vis_pred), ("_gt_parts", kp_ev, vis_ev)):
+        seconds["cls_features"] = time.perf_counter() - t0
+
+        def joint_of(v: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
+            return {
+                "holistic": v["gap"],
+                "holistic_bilinear": v["bil"],
+                "joint": np.concatenate([v["parts"], v["gap"]], -1),
+                "joint_bilinear": np.concatenate([v["parts"], v["bil"]], -1),
+            }[kind]
+
+        def train_classifier(
+            tag: str, x_tr: np.ndarray, holistic: str
+        ) -> tuple[JointClassifier, dict, Any]:
+            model = joint_model(holistic)
+            params = model.init(
+                jax.random.key(config.seed),
+                {"joint": jnp.zeros((1, x_tr.shape[1]))},
+                None,
+                None,
+                None,
+                False,
+                method=_joint_forward,
+            )["params"]
+            cfg = {
+                "kind": tag,
+                "dim": int(x_tr.shape[1]),
+                "lr": config.cls.learning_rate,
+                "wd": config.cls.weight_decay,
+                "steps": config.cls.steps,
+                "bs": config.cls.batch_size,
+                "pool": [config.cls.pool_size, config.cls.pool],
+                "bilinear": [config.cls.bilinear, config.cls.bilinear_dim],
+                "train": [str(f) for f in train.file_names],
+                "flip": config.flip_train,
+            }
+            info = stages.StageInfo.make("classifier", config.backbone, (part_layer,), size, cfg)
+            res = stages.train_stage(
+                stage_root / f"3_classifier_{tag}-{info.config_digest[:10]}",
+                info,
+                params=params,
+                frozen={},
+                loss_fn=stages.classifier_loss_fn(model),
+                tx=stages.make_optimizer(
+                    config.cls.learning_rate, config.cls.steps, config.cls.weight_decay
+                ),
+                arrays={
+                    "joint": x_tr.astype(np.float32),
+                    "label": y_tr2 if len(x_tr) == len(y_tr2) else y_train,
+                },
+                batch_size=config.cls.batch_size,
+                num_steps=config.cls.steps,
+                seed=config.seed,
+                checkpoint_every=config.checkpoint_every,
+                num_devices=num_devices,
+                progress=config.progress,
+            )
+            seconds[f"stage_3_classifier_{tag}"] = res.seconds
+            return model, {"params": res.params}, info
+
+        def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> float:
+            fn = jax.jit(
+                lambda b: model.apply(variables, b, None, None, None, False, method=_joint_forward)
+            )
             logits = _concat(
-                _batched(
-                    fn,
-                    {cls_start: ev_maps, "keypoints": kp_, "visible": vis_},
-                    config.cls_ft.batch_size,
+                _batched(lambda b: fn(b), {"joint": x.astype(np.float32)}, config.cls.batch_size)
+            )
+            return float(np.mean(np.argmax(logits, -1) == y))
+
+        infos = {}
+        for kind, holistic in (
+            ("holistic", "gap"),
+            ("holistic_bilinear", config.cls.bilinear),
+            ("joint", "gap"),
+            ("joint_bilinear", config.cls.bilinear),
+        ):
+            model, variables, infos[kind] = train_classifier(kind, joint_of(v_tr, kind), holistic)
+            metrics[f"cls_acc_{kind}"] = accuracy(model, variables, joint_of(v_ev, kind), y_eval)
+            if kind.startswith("joint"):
+                metrics[f"cls_acc_{kind}_gt_parts"] = accuracy(
+                    model, variables, joint_of(v_ev_gt, kind), y_eval
+                )
+            if kind == "joint_bilinear":
+                jb_model, jb_vars = model, variables
+        model, variables, _ = train_classifier("keypoint_features", kf_tr, "gap")
+        metrics["cls_acc_keypoint_features"] = accuracy(model, variables, kf_ev, y_eval)
+
+        # stage 4: fine-tune the classification net's layers after cls.start_at through the
+        # coordinate transfer (ground-truth parts), joint bilinear classifier
+        if config.cls_ft.enabled:
+            metrics["cls_acc_joint_bilinear_stage3"] = metrics["cls_acc_joint_bilinear"]
+            shape = (1, *tr_maps.shape[1:])
+            late, early = stages.late_backbone_params(
+                p.model,
+                p.variables,
+                cls_start,
+                part_layer if part_layer != "pre_pool" else None,
+                shape,
+            )
+            params = {**jb_vars["params"], "backbone": late}
+            frozen = {
+                "params": {"backbone": early},
+                **{c: {"backbone": v} for c, v in p.variables.items() if c != "params"},
+            }
+            arrays = {cls_start: tr_maps, "keypoints": kp_tr, "visible": vis_tr, "label": y_train}
+            if config.flip_train:
+                arrays = {
+                    cls_start: np.concatenate([tr_maps, feats["train", True][cls_start]]),
+                    "keypoints": np.concatenate([kp_tr, kp_tr_f]),
+                    "visible": np.concatenate([vis_tr, vis_tr_f]),
+                    "label": y_tr2,
+                }
+            cls_stop = None if part_layer == "pre_pool" else part_layer
+            cfg4 = {
+                "lr": config.cls_ft.learning_rate,
+                "steps": config.cls_ft.steps,
+                "bs": config.cls_ft.batch_size,
+                "start_at": cls_start,
+            }
+            info4 = stages.StageInfo.make(
+                "classifier_finetune",
+                config.backbone,
+                (cls_start,),
+                size,
+                cfg4,
+                parent=infos["joint_bilinear"],
+            )
+            res4 = stages.train_stage(
+                stage_root / f"4_classifier_finetune-{info4.config_digest[:10]}",
+                info4,
+                params=params,
+                frozen=frozen,
+                loss_fn=stages.classifier_loss_fn(
+                    jb_model, part_stride=part_stride, start_at=cls_start, stop_at=cls_stop
+                ),
+                tx=stages.make_optimizer(
+                    config.cls_ft.learning_rate, config.cls_ft.steps, config.cls.weight_decay
+                ),
+                arrays=arrays,
+                batch_size=config.cls_ft.batch_size,
+                num_steps=config.cls_ft.steps,
+                seed=config.seed,
+                checkpoint_every=config.checkpoint_every,
+                num_devices=num_devices,
+                progress=config.progress,
+            )
+            seconds["stage_4_classifier_finetune"] = res4.seconds
+            v4 = {**frozen, "params": stages.merge_params(res4.params, frozen["params"])}
+            fn = jax.jit(
+                lambda b: jb_model.apply(
+                    v4, b, cls_start, cls_stop, part_stride, False, method=_joint_forward
                 )
             )
-            metrics[f"cls_acc_joint_bilinear{tag}"] = float(
-                np.mean(np.argmax(logits, -1) == y_eval)
-            )
+            for tag, kp_, vis_ in (("", best["xy"], vis_pred), ("_gt_parts", kp_ev, vis_ev)):
+                logits = _concat(
+                    _batched(
+                        fn,
+                        {cls_start: ev_maps, "keypoints": kp_, "visible": vis_},
+                        config.cls_ft.batch_size,
+                    )
+                )
+                metrics[f"cls_acc_joint_bilinear{tag}"] = float(
+                    np.mean(np.argmax(logits, -1) == y_eval)
+                )
 
     metrics.update(
         {

@@ -54,6 +54,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     c.extract_batch = 16
     c.extract_stop = "stage7"  # the deepest cached layer
     c.cache_dtype = "float16"
+    c.feature_dir = ""  # "": WORKDIR/features; another run's to share its cached maps
     c.flip_train = True  # cached features of mirrored training images (augmentation)
     c.flip_test = True  # cached features of mirrored evaluation images (flip test)
     c.batch_size = 16
@@ -86,6 +87,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
 
     # stage 3 / 4: classification net (its own backbone copy, fixed in stage 3)
     c.cls = ml_collections.ConfigDict()
+    c.cls.enabled = True  # False: keypoints only (stages 1-2, e.g. for train/val choices)
     c.cls.start_at = "stage7"  # cached; part/holistic layer computed from it
     c.cls.part_layer = "pre_pool"
     c.cls.pool_size = 3
@@ -155,6 +157,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.cls.steps = 2000
         c.cls_ft.steps = 2000
         c.extra.heads = ()
+        c.extra.paper_layers = ("pool5",)
         c.batch_size = 16
         if name == "paper_vgg16_tiny":
             c.input_size = 64
