@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["MAX_SIDE", "display_photo", "save_overlay", "save_points_overlay"]
+__all__ = ["MAX_SIDE", "display_photo", "save_keypoint_overlay", "save_overlay"]
 
 #: Longest side (pixels) of the photo drawn in a panel.
 MAX_SIDE = 512
@@ -65,46 +65,78 @@ def save_overlay(result: Any, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def save_points_overlay(
-    photo: np.ndarray,
+def save_keypoint_overlay(
+    image_uint8: np.ndarray,
     xy: np.ndarray,
-    names: Any,
+    confidence: np.ndarray | None,
     path: str | os.PathLike,
+    part_names: Any = None,
+    min_confidence: float = 0.0,
     *,
-    confidence: np.ndarray | None = None,
     box: Any = None,
     title: str = "",
 ) -> None:
-    """Named points ``xy`` ``(P, 2)`` (pixels of ``photo``) drawn over the photo, with an optional
-    object box and per-point confidence; bounded in size like `save_overlay`."""
+    """The photo with one coloured dot per part (paper 1's parts, paper 2's keypoints), bounded
+    in size; ``box`` ``[x0, y0, x1, y1]`` (photo pixels) is drawn when given.
+
+    Args:
+      image_uint8: ``uint8 (H, W, 3)`` photo.
+      xy: ``(P, 2)`` ``(x, y)`` pixel indices in the photo (e.g.
+        `fgloc.localize.keypoint_predictor.KeypointPredictor.predict_keypoints`).
+      confidence: ``(P,)`` in [0, 1]; the dot's opacity, and parts below ``min_confidence``
+        are not drawn (``None``: every part at full opacity, e.g. a part detector's).
+      part_names: legend labels (default: the 15 CUB parts).
+    Raises ValueError for mis-shaped inputs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
+    from fgloc.metrics import CUB_PART_NAMES
+
+    photo = np.asarray(image_uint8)
+    pts = np.asarray(xy, np.float64)
+    conf = np.ones(pts.shape[:1]) if confidence is None else np.asarray(confidence, np.float64)
+    if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[-1] != 3:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {photo.dtype} {photo.shape}")
+    if pts.ndim != 2 or pts.shape[-1] != 2 or conf.shape != pts.shape[:1]:
+        raise ValueError(f"xy must be (P, 2) and confidence (P,), got {pts.shape}, {conf.shape}")
+    names = list(CUB_PART_NAMES if part_names is None else part_names)
+    if len(names) != len(pts):
+        raise ValueError(f"{len(names)} part names for {len(pts)} keypoints")
     shown, scale = display_photo(photo)
     h, w = shown.shape[:2]
     pw, ph = _panel_inches(h, w)
-    fig, ax = plt.subplots(figsize=(pw + 1.6, ph + 0.4))
+    legend_w = 1.8  # inches for the legend beside the photo
+    fig, ax = plt.subplots(1, 1, figsize=(pw + legend_w, max(ph, 2.0)))
+    fig.subplots_adjust(left=0.0, right=pw / (pw + legend_w), bottom=0.0, top=1.0)
     ax.imshow(shown, aspect="auto")
     if box is not None:
+        from matplotlib.patches import Rectangle
+
         x0, y0, x1, y1 = (float(v) * scale for v in box)
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=2, ec="lime"))
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(xy), 1)))
-    for j, (x, y) in enumerate(np.asarray(xy, np.float64)):
-        if not np.isfinite([x, y]).all():
-            continue
-        alpha = 1.0 if confidence is None else float(np.clip(0.3 + confidence[j], 0.3, 1.0))
-        label = names[j] if j < len(names) else str(j)
-        ax.scatter([x * scale], [y * scale], s=36, color=colours[j], edgecolors="black",
-                   linewidths=0.6, alpha=alpha, label=label)  # fmt: skip
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.axis("off")
-    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6, frameon=False)
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+        ax.set_title(title, fontsize=8)
+    colors = plt.get_cmap("tab20")(np.arange(len(pts)) % 20)
+    keep = np.isfinite(pts).all(-1) & (conf >= min_confidence)
+    for i in np.flatnonzero(keep):
+        alpha = float(np.clip(0.35 + 0.65 * conf[i], 0.0, 1.0))
+        ax.scatter(
+            [(pts[i, 0] + 0.5) * scale - 0.5],
+            [(pts[i, 1] + 0.5) * scale - 0.5],
+            s=30,
+            color=colors[i],
+            alpha=alpha,
+            edgecolors="k",
+            linewidths=0.5,
+            label=f"{names[i]} ({conf[i]:.2f})",
+        )
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.axis("off")
+    if keep.any():
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=6, frameon=False)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from fgloc.app.overlays import save_points_overlay
+from fgloc.app.overlays import save_keypoint_overlay
 from fgloc.data.images import ImageError, load_image
 
 #: ``predict(photos, boxes) -> (xy (N, P, 2) pixels of each photo, confidence (N, P) or None)``.
@@ -85,8 +85,8 @@ def run_points_to_dir(
             if seen[stem] > 1:
                 stem = f"{stem}_{seen[stem]}"
             c = None if conf is None else conf[i]
-            save_points_overlay(photo, xy[i], part_names, out / f"{stem}_{method}.png",
-                                confidence=c, box=None if box is None else boxes[i], title=f"{pathlib.Path(name).name} — {method}")  # fmt: skip
+            save_keypoint_overlay(photo, xy[i], c, out / f"{stem}_{method}.png", part_names,
+                                  box=None if boxes is None else boxes[i], title=f"{pathlib.Path(name).name} — {method}")  # fmt: skip
             points = [
                 {"name": n, "x": round(float(x), 1), "y": round(float(y), 1)}
                 | ({} if c is None else {"confidence": round(float(c[j]), 4)})

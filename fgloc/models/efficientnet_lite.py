@@ -276,23 +276,43 @@ class EfficientNetLite(nn.Module):
         return [*names, "pre_pool"]
 
     def features(
-        self, x: Array, train: bool = False, stop_at: str | None = None
+        self,
+        x: Array,
+        train: bool = False,
+        stop_at: str | None = None,
+        start_at: str | None = None,
     ) -> tuple[Array, dict[str, Array]]:
         """Convolutional trunk: ``(B,H,W,3)`` -> ``(pre_pool (B,h,w,1280), inter)``.
 
         ``stop_at``: a layer name (``stem``, ``block0``…``block15``, ``stage1``…``stage7``,
         ``pre_pool``) to stop after (model contract, `fgloc.models.layers.layer_output`).
+        ``start_at``: a layer name whose *output* ``x`` is (e.g. cached ``stage6`` maps); the
+        trunk resumes right after that layer, so the late stages can be trained from cached
+        early features. ``inter`` then holds ``start_at`` (= ``x``) and the layers computed.
         """
-        if stop_at is not None and stop_at not in self.layer_names():
-            raise KeyError(
-                f"EfficientNet-Lite has no layer {stop_at!r}; its layers: {self.layer_names()}"
-            )
+        names = self.layer_names()
+        for arg, name in (("stop_at", stop_at), ("start_at", start_at)):
+            if name is not None and name not in names:
+                raise KeyError(
+                    f"EfficientNet-Lite has no layer {name!r} ({arg}); its layers: {names}"
+                )
+        if start_at and stop_at and names.index(stop_at) < names.index(start_at):
+            raise ValueError(f"stop_at {stop_at!r} comes before start_at {start_at!r}")
         inter: dict[str, Array] = {}
-        h = relu6(self.stem_bn(self.stem_conv(x), use_running_average=not train))
-        inter["stem"] = h
+        if start_at is None:
+            h = relu6(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+            inter["stem"] = h
+            first = 0
+        else:
+            h = inter[start_at] = x
+            if start_at == "pre_pool" or stop_at == start_at:
+                return h, inter
+            first = self._first_block_after(start_at)
         if stop_at == "stem":
             return h, inter
         for i, (blk, spec) in enumerate(zip(self.blocks, self.specs, strict=True)):
+            if i < first:
+                continue
             h = blk(h, train=train)
             inter[f"block{i}"] = h
             last_of_stage = i + 1 == len(self.specs) or self.specs[i + 1][0] != spec[0]
@@ -303,6 +323,16 @@ class EfficientNetLite(nn.Module):
         h = relu6(self.head_bn(self.head_conv(h), use_running_average=not train))
         inter["pre_pool"] = h
         return h, inter
+
+    def _first_block_after(self, name: str) -> int:
+        """Index of the first block run after layer ``name`` (``stem``, ``block{i}``,
+        ``stage{k}``)."""
+        if name == "stem":
+            return 0
+        if name.startswith("block"):
+            return int(name[5:]) + 1
+        stage = int(name[5:])
+        return max(i for i, spec in enumerate(self.specs) if spec[0] == stage) + 1
 
     def head(self, pooled: Array, train: bool = False) -> Array:
         """Classifier on pooled features ``(B, 1280)`` -> logits ``(B, num_classes)``."""

@@ -32,16 +32,32 @@ def run_stages(
     stages: Sequence[tuple[str, Callable[[jax.Array], jax.Array]]],
     stop_at: str | None,
     model_name: str,
+    start_at: str | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Applies named ``stages`` in order, recording each output; stops after ``stop_at``.
 
-    Raises KeyError naming the model and its layers when ``stop_at`` is not one of them.
+    With ``start_at`` (a stage name), ``x`` is that stage's output (e.g. a cached map): it is
+    recorded under its name and only the stages after it run.
+
+    Raises KeyError naming the model and its layers when ``stop_at`` or ``start_at`` is not one
+    of them, ValueError when ``stop_at`` comes before ``start_at``.
     """
     names = [n for n, _ in stages]
-    if stop_at is not None and stop_at not in names:
-        raise KeyError(f"{model_name} has no layer {stop_at!r}; its layers: {names}")
+    for arg, name in (("stop_at", stop_at), ("start_at", start_at)):
+        if name is not None and name not in names:
+            raise KeyError(f"{model_name} has no layer {name!r} ({arg}); its layers: {names}")
     inter: dict[str, jax.Array] = {}
-    for name, fn in stages:
+    first = 0
+    if start_at is not None:
+        first = names.index(start_at) + 1
+        if stop_at is not None and names.index(stop_at) < first - 1:
+            raise ValueError(
+                f"{model_name}: stop_at {stop_at!r} comes before start_at {start_at!r}"
+            )
+        inter[start_at] = x
+        if stop_at == start_at:
+            return x, inter
+    for name, fn in stages[first:]:
         x = inter[name] = fn(x)
         if name == stop_at:
             break

@@ -63,22 +63,29 @@ class VGG16(nn.Module):
             self.dropout = nn.Dropout(self.dropout_rate)
 
     def features(
-        self, x: jax.Array, train: bool = False, stop_at: str | None = None
+        self,
+        x: jax.Array,
+        train: bool = False,
+        stop_at: str | None = None,
+        start_at: str | None = None,
     ) -> tuple[jax.Array, dict]:
         """Conv stack: ``(B, H, W, 3) -> pool5 (B, H/32, W/32, 512)`` and the intermediates.
 
         ``stop_at``: a layer name (``conv1_1`` … ``pool5``) to stop after (model contract).
+        ``start_at``: a layer name whose output ``x`` is (e.g. cached ``pool4``); only the later
+        layers run (`fgloc.models.layers.run_stages`).
         """
         del train
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"VGG16 expects (B, H, W, 3) input, got shape {x.shape}")
-        if min(x.shape[1:3]) < 32:
-            raise ValueError(f"VGG16 needs H, W >= 32, got {x.shape[1:3]}")
+        if start_at is None:
+            if x.ndim != 4 or x.shape[-1] != 3:
+                raise ValueError(f"VGG16 expects (B, H, W, 3) input, got shape {x.shape}")
+            if min(x.shape[1:3]) < 32:
+                raise ValueError(f"VGG16 needs H, W >= 32, got {x.shape[1:3]}")
         stages = []
         for (block, _, _), names in zip(VGG16_BLOCKS, _names_by_block()):
             stages += [(n, lambda h, n=n: nn.relu(getattr(self, n)(h))) for n in names]
             stages.append((f"pool{block}", lambda h: torch_max_pool(h, 2, 2)))
-        x, inter = run_stages(x, stages, stop_at, "VGG16")
+        x, inter = run_stages(x, stages, stop_at, "VGG16", start_at)
         if stop_at is None:
             inter["pre_pool"] = x
         return x, inter

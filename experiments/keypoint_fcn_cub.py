@@ -1,0 +1,1061 @@
+"""Paper 2 on CUB: FCN keypoints, coordinate transfer, compact bilinear, staged training.
+
+Zhang, Shelhamer, Gao & Darrell, "Fine-grained pose prediction, normalization, and
+recognition" (ICLR 2016 workshop), §3–4, Tables 1–3. Every image is squashed to
+``input_size``² (`fgloc.data.pipeline.load_resized`); the backbone's maps of the image and of
+its mirror image are computed once and cached (`fgloc.cache.cached_npz`, one file per chunk of
+images, so an interruption loses one chunk). Then the four stages of §3.4 run with
+`fgloc.train.keypoints.train_stage` (resumable, one folder per stage under
+``WORKDIR/stages/``, the folder name ends in the stage's config digest):
+
+1. ``keypoints``: `fgloc.models.keypoint_fcn.KeypointFCN` head on the cached frozen maps
+   (``kp.layers``, fused at the finest stride), random init, flip augmentation from the cached
+   mirrored maps (keypoints mirrored, left/right swapped);
+2. ``keypoints_finetune``: the backbone layers after ``kp_ft.start_at`` (recomputed from its
+   cached map; Lite0: ``stage7``) + the head, at a smaller rate, BatchNorm frozen;
+3. ``classifier``: `JointClassifier` Dense layers on fixed features: the coordinate transfer of
+   the fixed ``cls.part_layer`` map at the ground-truth parts and the holistic feature (GAP, or
+   compact bilinear ``cls.bilinear``) are constants, computed once; five classifiers: holistic
+   GAP, holistic bilinear, joint GAP, joint bilinear, and the "keypoint features" baseline (GAP
+   of the localization net's fused map);
+4. ``classifier_finetune``: the joint bilinear classifier with the classification net's layers
+   after ``cls.start_at`` (Lite0: ``head_conv`` + its BatchNorm affine) trained through the
+   coordinate transfer at a smaller rate, ground-truth parts.
+
+At test time, parts are the final keypoint model's predictions (decoded with ``decoder``,
+flip test when ``use_flip_test``); a part counts as visible for the classifier when its
+confidence is above a threshold chosen on the training images (the one that best separates
+visible from invisible annotated parts there). Keypoint metrics (`fgloc.metrics.pck`, `pcp`) are
+in original image pixels. ``ablation.<row>.pck@α`` rows come from the same trained models
+(decoders, flip test, stage 1 vs stage 2) and from cheap extra heads on the same cached maps
+(``paper_setting``: the paper's sigmoid cross-entropy with one positive cell on the stride-32
+map, argmax; ``paper_stride16``: the same loss on the fused stride-16 map; ``floor``: the issue's
+floor, a 2-layer 1×1 head with a spatial softmax on the keypoint's cell, soft-argmax 5×5, no
+flips). The final localization net is saved as a `fgloc.localize.keypoint_predictor`
+directory ``WORKDIR/predictor/`` and a figure of predicted vs true keypoints (paper Fig. 3) as
+``WORKDIR/keypoints_cub.png``.
+
+Command::
+
+    python -m experiments.keypoint_fcn_cub --config experiments/configs/keypoint_fcn_cub.py \
+        --workdir /work/runs/keypoints_default
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+
+__all__ = ["ALPHAS", "check_annotations", "run", "save_figure", "validate_config"]
+
+ALPHAS = (0.02, 0.05, 0.08, 0.10)
+EXTRA_HEADS = ("paper_setting", "paper_stride16", "floor")
+
+
+# --------------------------------------------------------------------------------- options
+def _layer_names(p: Any, size: int) -> list[str]:
+    """Every layer name the backbone records at ``size``, in network order (read while
+    tracing an abstract evaluation: the returned pytree's dict keys would be sorted)."""
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    order: list[str] = []
+
+    def fn(v: Any, x: jax.Array) -> jax.Array:
+        out, inter = p.model.apply(v, x, method=p.model.features)
+        order.extend(inter)
+        return out
+
+    jax.eval_shape(fn, p.variables, x)
+    return order
+
+
+def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> None:
+    """Raises ValueError naming the option for an impossible configuration."""
+    from fgloc.localize import keypoints as kpt
+    from fgloc.models.bilinear import KINDS
+
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"config.{name}: {why}")
+
+    if config.input_size < 32:
+        bad("input_size", f"must be at least 32 pixels, got {config.input_size}")
+    if config.backbone.startswith("efficientnet") and config.input_size % 32:
+        # TF "SAME" padding puts the cells of a map on the s-pixel grid only then
+        bad("input_size", f"must be a positive multiple of 32 pixels, got {config.input_size}")
+    if config.eval_split not in ("test", "val"):
+        bad("eval_split", f"must be 'test' or 'val', got {config.eval_split!r}")
+    if not 0 < config.val_fraction < 1:
+        bad("val_fraction", f"must be in (0, 1), got {config.val_fraction}")
+    if config.kp.loss not in kpt.LOSSES:
+        bad("kp.loss", f"must be one of {kpt.LOSSES}, got {config.kp.loss!r}")
+    if config.decoder not in kpt.DECODERS:
+        bad("decoder", f"must be one of {kpt.DECODERS}, got {config.decoder!r}")
+    if config.window < 1 or config.window % 2 == 0:
+        bad("window", f"must be a positive odd number of cells, got {config.window}")
+    if config.cls.bilinear not in KINDS:
+        bad("cls.bilinear", f"must be one of {KINDS}, got {config.cls.bilinear!r}")
+    if config.cls.pool not in ("avg", "max"):
+        bad("cls.pool", f"must be 'avg' or 'max', got {config.cls.pool!r}")
+    if config.kp.flip_augment and not config.flip_train:
+        bad("kp.flip_augment", "needs flip_train (features of mirrored training images)")
+    if config.use_flip_test and not config.flip_test:
+        bad("use_flip_test", "needs flip_test (features of mirrored evaluation images)")
+    unknown = sorted(set(config.extra.heads) - set(EXTRA_HEADS))
+    if unknown:
+        bad("extra.heads", f"unknown heads {unknown}; known: {EXTRA_HEADS}")
+    n = config.num_devices or len(jax.local_devices())
+    for name, bs in (
+        ("batch_size", config.batch_size),
+        ("cls.batch_size", config.cls.batch_size),
+        ("cls_ft.batch_size", config.cls_ft.batch_size),
+    ):
+        if bs < 1 or bs % n:
+            bad(name, f"{bs} must be a positive multiple of the {n} devices")
+    for name in ("kp.steps", "kp_ft.steps", "cls.steps", "cls_ft.steps", "extra.steps"):
+        sub, field = name.split(".")
+        if config[sub][field] < 1:
+            bad(name, f"must be >= 1, got {config[sub][field]}")
+    if layer_names is None:
+        return
+    order = {n: i for i, n in enumerate(layer_names)}
+    needed = [
+        ("kp.layers", list(config.kp.layers)),
+        ("extra.paper_layers", list(config.extra.paper_layers)),
+        ("kp_ft.start_at", [config.kp_ft.start_at]),
+        ("cls.start_at", [config.cls.start_at]),
+        ("cls.part_layer", [config.cls.part_layer]),
+        ("extract_stop", [config.extract_stop]),
+    ]
+    for name, layers in needed:
+        missing = [x for x in layers if x not in order]
+        if missing:
+            bad(name, f"layers {missing} are not layers of {config.backbone}: {layer_names}")
+    stop = order[config.extract_stop]
+    deepest = max(order[x] for x in config.kp.layers)
+    if config.kp_ft.enabled and order[config.kp_ft.start_at] >= deepest:
+        bad(
+            "kp_ft.start_at",
+            f"{config.kp_ft.start_at!r} must come before the deepest keypoint layer "
+            f"{layer_names[deepest]!r} (the layers after it are fine-tuned)",
+        )
+    if order[config.cls.part_layer] < order[config.cls.start_at]:
+        bad("cls.part_layer", f"must not come before cls.start_at {config.cls.start_at!r}")
+    for name, layers in (
+        ("kp.layers", config.kp.layers),
+        ("kp_ft.start_at", [config.kp_ft.start_at]),
+        ("cls.start_at", [config.cls.start_at]),
+        ("extra.paper_layers", config.extra.paper_layers),
+    ):
+        late = [x for x in layers if order[x] > stop]
+        if late:
+            bad(name, f"layers {late} come after extract_stop {config.extract_stop!r} (not cached)")
+
+
+# ------------------------------------------------------------------------------------ data
+def check_annotations(ann: Any) -> Any:
+    """``ann`` if it has the 15 CUB parts and some visible keypoint; else ValueError naming
+    what is wrong (paper 2's metrics, flip pairs and part groups are defined on them)."""
+    from fgloc.metrics import CUB_PART_NAMES
+
+    n = ann.parts.shape[1]
+    if n != len(CUB_PART_NAMES) or tuple(ann.part_names) != CUB_PART_NAMES:
+        raise ValueError(
+            f"{ann.source}: the annotations have {n} parts {list(ann.part_names)}; paper 2's "
+            f"evaluation needs the {len(CUB_PART_NAMES)} CUB parts {list(CUB_PART_NAMES)}"
+        )
+    if not ann.visible.any():
+        raise ValueError(f"{ann.source}: no keypoint is visible in any image")
+    return ann
+
+
+def _subset(n: int, k: int, seed: int) -> np.ndarray:
+    if not k or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def _splits(ann: Any, config: Any) -> dict[str, tuple[Any, np.ndarray]]:
+    """``{"train": (split, index), "eval": (split, index)}``: the official CUB splits the
+    images come from (``train`` / ``test``) and the positions used in them. ``eval_split="val"``
+    holds out ``val_fraction`` of the *training* images (the test split is never read); both
+    then index the official train split, so they share its feature caches."""
+    if config.max_classes:
+        keep = np.unique(ann.labels)[: config.max_classes]
+        ann = ann.subset(np.isin(ann.labels, keep))
+    train = ann.split("train")
+    if config.eval_split == "val":
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        n_val = max(1, int(round(config.val_fraction * len(train))))
+        idx_eval, idx_train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        base_eval = train
+    else:
+        base_eval = ann.split("test")
+        idx_train, idx_eval = np.arange(len(train)), np.arange(len(base_eval))
+    idx_train = idx_train[_subset(len(idx_train), config.max_train, config.seed)]
+    idx_eval = idx_eval[_subset(len(idx_eval), config.max_test, config.seed)]
+    return {"train": (train, idx_train), "eval": (base_eval, idx_eval)}
+
+
+def _input_keypoints(ann: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Annotated parts in continuous input pixels of the ``size``² squashed image."""
+    from fgloc.data.pipeline import resize_affine, transform_points
+
+    kp = np.stack(
+        [
+            transform_points(ann.parts[i], resize_affine(ann.image_sizes[i], (size, size)))
+            for i in range(len(ann))
+        ]
+    ).astype(np.float32)
+    return kp + 0.5, ann.visible.astype(bool)
+
+
+def _to_original(xy: np.ndarray, sizes: np.ndarray, size: int) -> np.ndarray:
+    """Continuous input pixels ``(N, P, 2)`` -> pixel indices of each original image."""
+    from fgloc.data.pipeline import invert_affine, resize_affine, transform_points
+
+    out = [
+        transform_points(xy[i] - 0.5, invert_affine(resize_affine(sizes[i], (size, size))))
+        for i in range(len(xy))
+    ]
+    return np.stack(out).astype(np.float64)
+
+
+def _extract(
+    p: Any,
+    base: Any,
+    positions: np.ndarray,
+    config: Any,
+    layers: Sequence[str],
+    flip: bool,
+    feature_dir: pathlib.Path,
+    tag: str,
+) -> dict[str, np.ndarray]:
+    """Cached backbone maps ``{layer: (len(positions), h, w, C)}`` (``config.cache_dtype``) of
+    the images ``base[positions]`` squashed to ``input_size``² (mirrored when ``flip``).
+
+    One cache file per chunk of ``4 · extract_batch`` consecutive images of the official split
+    ``base`` (``tag``), keyed by backbone, size, flip, layers and the chunk's files, so runs on
+    the same images (a test run and a train/val run) share them and an interruption loses one
+    chunk."""
+    from tqdm.auto import tqdm
+
+    from fgloc.data.pipeline import load_resized
+
+    size, bs = config.input_size, config.extract_batch
+    stop = config.extract_stop
+    fwd = jax.jit(
+        lambda v, x: {
+            k: val
+            for k, val in p.model.apply(v, p.preprocess(x), False, stop, method=p.model.features)[
+                1
+            ].items()
+            if k in layers
+        }
+    )
+    chunk = 4 * bs
+    out: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+    paths = np.asarray(base.paths)
+    positions = np.asarray(positions, np.int64)
+    order = np.argsort(positions, kind="stable")
+    wanted = positions[order]
+    starts = sorted({int(i) // chunk * chunk for i in wanted})
+    bar = tqdm(starts, desc=f"features {tag}", disable=not config.progress)
+    for start in bar:
+        need = wanted[(wanted >= start) & (wanted < start + chunk)]
+        files = [str(f) for f in paths[np.unique(need)]]
+        key = {
+            "backbone": config.backbone,
+            "size": size,
+            "flip": flip,
+            "layers": sorted(layers),
+            "stop": stop,
+            "dtype": config.cache_dtype,
+            "files": [pathlib.Path(f).name for f in files],
+        }
+
+        def compute(files: list[str] = files) -> dict[str, np.ndarray]:
+            res: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+            for i in range(0, len(files), bs):
+                imgs, _ = load_resized(files[i : i + bs], size)
+                if flip:
+                    imgs = np.ascontiguousarray(imgs[:, :, ::-1])
+                n = len(imgs)
+                if n < bs:
+                    imgs = np.concatenate([imgs, np.zeros((bs - n, *imgs.shape[1:]), np.uint8)])
+                r = fwd(p.variables, imgs)
+                for k in layers:
+                    res[k].append(np.asarray(r[k][:n], config.cache_dtype))
+            return {k: np.concatenate(v) for k, v in res.items()}
+
+        name = f"{tag}_{'flip' if flip else 'orig'}_{start:05d}.npz"
+        got = common.cached_npz(feature_dir / name, compute, key)
+        rows = np.searchsorted(np.unique(need), need)
+        for k in layers:
+            out[k].append(got[k][rows])
+    merged = {k: np.concatenate(v) for k, v in out.items()}
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return {k: v[inverse] for k, v in merged.items()}
+
+
+def _stride(size: int, width: int) -> float:
+    """The stride of a map of ``width`` cells over ``size`` pixels: the power of two nearest
+    ``size / width`` (VGG's floor-mode pooling and Lite0's SAME padding are both stride 2^k)."""
+    return float(2 ** round(math.log2(size / width)))
+
+
+# ---------------------------------------------------------------------------- forward passes
+def _batched(fn: Callable[..., Any], arrays: Mapping[str, np.ndarray], bs: int) -> list[Any]:
+    """``fn(batch)`` over fixed-size batches of ``arrays`` (the last one padded, then cut)."""
+    n = len(next(iter(arrays.values())))
+    outs = []
+    for i in range(0, n, bs):
+        batch = {k: np.asarray(v[i : i + bs]) for k, v in arrays.items()}
+        m = len(next(iter(batch.values())))
+        if m < bs:
+            batch = {
+                k: np.concatenate([v, np.zeros((bs - m, *v.shape[1:]), v.dtype)])
+                for k, v in batch.items()
+            }
+        res = fn(batch)
+        outs.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
+    return outs
+
+
+def _concat(outs: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *outs)
+
+
+def _heatmaps(
+    model: Any,
+    variables: Any,
+    maps: Mapping[str, np.ndarray],
+    start_at: str | None,
+    stop_at: str | None,
+    bs: int,
+    want_fused: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Heatmap logits ``(N, h, w, P)`` (and the GAP of the fused map) of a keypoint model."""
+    from fgloc.train.keypoints import _fcn_forward
+
+    @jax.jit
+    def fn(batch):
+        logits, inter = model.apply(variables, batch, start_at, stop_at, False, method=_fcn_forward)
+        return (logits, jnp.mean(inter["fused"], axis=(1, 2)) if want_fused else logits[:, 0, 0])
+
+    logits, fused = _concat(_batched(fn, maps, bs))
+    return logits, (fused if want_fused else None)
+
+
+def _decode(logits: np.ndarray, stride: float, method: str, activation: str, config: Any):
+    from fgloc.localize import keypoints as kpt
+
+    kw: dict[str, Any] = {"activation": activation}
+    if method == "soft_argmax":
+        k = min(config.window, *logits.shape[1:3])
+        kw["window"] = k if k % 2 else k - 1
+    elif method == "dark":
+        kw["smooth_sigma"] = config.dark_sigma
+    out = kpt.decode(jnp.asarray(logits), stride, method, **kw)
+    return np.asarray(out.keypoints), np.asarray(out.confidence)
+
+
+def _keypoint_metrics(pred: np.ndarray, ann: Any, prefix: str = "") -> dict[str, float]:
+    from fgloc.metrics import pck, pcp
+
+    out: dict[str, float] = {}
+    for a in ALPHAS:
+        out[f"{prefix}pck@{a:.2f}"] = pck(pred, ann.parts, ann.visible, ann.boxes, a)[1]
+    res = pcp(pred, ann.parts, ann.visible)
+    out[f"{prefix}pcp_head"] = res["head"]
+    out[f"{prefix}pcp_body"] = res["body"]
+    return out
+
+
+# ---------------------------------------------------------------------------------- figure
+def save_figure(
+    ann: Any, pred: np.ndarray, path: pathlib.Path, n: int, seed: int = 0
+) -> pathlib.Path | None:
+    """Paper Fig. 3: for ``n`` evaluation images, the annotated keypoints (left) and the
+    predicted ones (right, only parts annotated visible), one colour per part."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fgloc.data.images import load_image
+    from fgloc.metrics import CUB_PART_NAMES
+
+    if n < 1 or len(ann) == 0:
+        return None
+    idx = _subset(len(ann), n, seed)
+    colors = plt.get_cmap("tab20")(np.arange(len(CUB_PART_NAMES)))
+    cols = 2 * min(2, len(idx))
+    rows = -(-len(idx) // (cols // 2))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, i in enumerate(idx):
+        img = load_image(ann.paths[i])
+        vis = ann.visible[i]
+        for j, (pts, title) in enumerate(((ann.parts[i], "ground truth"), (pred[i], "prediction"))):
+            ax = axes[k // (cols // 2), 2 * (k % (cols // 2)) + j]
+            ax.imshow(img)
+            ax.scatter(
+                pts[vis, 0], pts[vis, 1], c=colors[vis], s=18, edgecolors="k", linewidths=0.4
+            )
+            ax.set_title(title, fontsize=8)
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=colors[p], label=name)
+        for p, name in enumerate(CUB_PART_NAMES)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=8, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- run
+def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
+    from fgloc.data.cub import NUM_PARTS, read_cub
+    from fgloc.localize import keypoints as kpt
+    from fgloc.localize.keypoint_predictor import KeypointPredictor
+    from fgloc.metrics import CUB_PART_NAMES, pck
+    from fgloc.models.keypoint_fcn import JointClassifier, KeypointFCN
+    from fgloc.pretrained import pretrained
+    from fgloc.train import keypoints as stages
+
+    t_start = time.perf_counter()
+    validate_config(config)
+    p = pretrained(config.backbone)
+    size = int(config.input_size)
+    names = _layer_names(p, size)
+    validate_config(config, names)
+    root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
+    ann = check_annotations(read_cub(root))
+    splits = _splits(ann, config)
+    train = splits["train"][0].subset(splits["train"][1])
+    evals = splits["eval"][0].subset(splits["eval"][1])
+    classes = np.unique(train.labels)
+    missing = sorted(set(evals.labels.tolist()) - set(classes.tolist()))
+    if missing:
+        raise ValueError(f"evaluation classes {missing} have no training image")
+    y_train = np.searchsorted(classes, train.labels).astype(np.int32)
+    y_eval = np.searchsorted(classes, evals.labels).astype(np.int32)
+    num_devices = config.num_devices or None
+    perm = kpt.flip_permutation(CUB_PART_NAMES)
+    stage_root = workdir / "stages"
+    seconds: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- cached backbone maps
+    t0 = time.perf_counter()
+    cached = sorted(
+        {*config.kp.layers, *config.extra.paper_layers, config.cls.start_at}
+        | ({config.kp_ft.start_at} if config.kp_ft.enabled else set()),
+        key=names.index,
+    )
+    feature_dir = pathlib.Path(config.feature_dir) if config.feature_dir else workdir / "features"
+    base_tr, idx_tr = splits["train"]
+    base_ev, idx_ev = splits["eval"]
+    feats: dict[tuple[str, bool], dict[str, np.ndarray]] = {}
+    for flip in (False, True):
+        if flip and not (config.flip_train or config.flip_test):
+            continue
+        if config.eval_split == "val":  # both index the train split: one extraction
+            both = _extract(
+                p, base_tr, np.concatenate([idx_tr, idx_ev]), config, cached, flip,
+                feature_dir, "train",
+            )  # fmt: skip
+            n = len(idx_tr)
+            feats["train", flip] = {k: v[:n] for k, v in both.items()}
+            feats["eval", flip] = {k: v[n:] for k, v in both.items()}
+        else:
+            feats["train", flip] = _extract(
+                p, base_tr, idx_tr, config, cached, flip, feature_dir, "train"
+            )
+            feats["eval", flip] = _extract(
+                p, base_ev, idx_ev, config, cached, flip, feature_dir, "test"
+            )
+    seconds["extract"] = time.perf_counter() - t0
+
+    kp_tr, vis_tr = _input_keypoints(train, size)
+    kp_tr_f, vis_tr_f = (np.asarray(a) for a in kpt.flip_keypoints(kp_tr, vis_tr, size, perm))
+    kp_ev, vis_ev = _input_keypoints(evals, size)
+    if not vis_tr.any():
+        raise ValueError("no keypoint is visible in any training image: nothing to learn")
+    bs = config.batch_size
+    width_of = {k: v.shape[2] for k, v in feats["train", False].items()}
+
+    # ------------------------------------------------------------------ keypoint heads
+    def kp_arrays(layers: Sequence[str], flip: bool) -> tuple[dict, Any]:
+        arrays = {k: feats["train", False][k] for k in layers}
+        arrays |= {"keypoints": kp_tr, "visible": vis_tr}
+        transform = None
+        if flip:
+            pairs = {k: f"{k}_flip" for k in (*layers, "keypoints", "visible")}
+            arrays |= {f"{k}_flip": feats["train", True][k] for k in layers}
+            arrays |= {"keypoints_flip": kp_tr_f, "visible_flip": vis_tr_f}
+            transform = stages.flip_pair_transform(pairs)
+        return arrays, transform
+
+    def train_head(
+        tag: str,
+        layers: Sequence[str],
+        head: Sequence[Sequence[int]],
+        loss: str,
+        steps: int,
+        flip: bool,
+    ) -> tuple[KeypointFCN, dict, float, Any]:
+        finest = max(width_of[k] for k in layers)
+        stride = _stride(size, finest)
+        cells = finest * finest
+        bias = -math.log(cells) if loss in ("paper", "sigmoid_gaussian") else 0.0
+        model = KeypointFCN(
+            layers=tuple(layers),
+            head=tuple(tuple(int(v) for v in h) for h in head),
+            num_parts=NUM_PARTS,
+            dropout_rate=config.kp.dropout,
+            score_bias_init=bias,
+        )
+        sample = {k: jnp.asarray(feats["train", False][k][:1], jnp.float32) for k in layers}
+        params = model.init(jax.random.key(config.seed), sample, method=model.from_features)[
+            "params"
+        ]
+        cfg = {
+            "head": [list(h) for h in head],
+            "loss": loss,
+            "sigma": config.kp.sigma,
+            "lr": config.kp.learning_rate,
+            "wd": config.kp.weight_decay,
+            "steps": steps,
+            "bs": bs,
+            "flip": flip,
+            "dropout": config.kp.dropout,
+            "seed": config.seed,
+            "train": [str(f) for f in train.file_names],
+        }
+        info = stages.StageInfo.make("keypoints", config.backbone, layers, size, cfg)
+        arrays, transform = kp_arrays(layers, flip)
+        res = stages.train_stage(
+            stage_root / f"{tag}-{info.config_digest[:10]}",
+            info,
+            params=params,
+            frozen={},
+            loss_fn=stages.keypoint_loss_fn(model, stride=stride, kind=loss, sigma=config.kp.sigma),
+            tx=stages.make_optimizer(config.kp.learning_rate, steps, config.kp.weight_decay),
+            arrays=arrays,
+            batch_size=bs,
+            num_steps=steps,
+            transform=transform,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            num_devices=num_devices,
+            progress=config.progress,
+        )
+        seconds[f"stage_{tag}"] = res.seconds
+        return model, {"params": res.params}, stride, info
+
+    def evaluate_head(model, variables, layers, stride, activation, start_at=None, stop_at=None):
+        """Logits on the evaluation images and their mirrors, decoded every way."""
+        maps = {k: feats["eval", False][k] for k in layers}
+        logits, _ = _heatmaps(model, variables, maps, start_at, stop_at, bs)
+        flip_logits = None
+        if config.flip_test:
+            maps_f = {k: feats["eval", True][k] for k in layers}
+            lf, _ = _heatmaps(model, variables, maps_f, start_at, stop_at, bs)
+            flip_logits = np.asarray(kpt.flip_test_average(logits, lf, perm))
+        rows: dict[str, dict[str, Any]] = {}
+        for method in kpt.DECODERS:
+            if method == "dark" and min(logits.shape[1:3]) < 3:
+                continue  # DARK needs a 3x3 neighbourhood
+            for ft in (False, True):
+                if ft and flip_logits is None:
+                    continue
+                z = flip_logits if ft else logits
+                xy, conf = _decode(z, stride, method, activation, config)
+                orig = _to_original(xy, evals.image_sizes, size)
+                rows[f"{method}{'+flip' if ft else ''}"] = {
+                    "pred": orig,
+                    "xy": xy,
+                    "conf": conf,
+                    "metrics": _keypoint_metrics(orig, evals),
+                }
+        return rows
+
+    def activation_of(loss: str) -> str:
+        return "softmax" if loss.startswith("softmax") else "sigmoid"
+
+    def add_rows(name: str, rows: Mapping[str, Mapping[str, Any]], keep: Sequence[str]) -> None:
+        for r in keep:
+            if r in rows:
+                for k, v in rows[r]["metrics"].items():
+                    metrics[f"ablation.{name}{'' if r == keep[0] else '.' + r}.{k}"] = v
+
+    kp_layers = tuple(config.kp.layers)
+    # stage 1
+    fcn1, var1, stride, info1 = train_head(
+        "1_keypoints",
+        kp_layers,
+        config.kp.head,
+        config.kp.loss,
+        config.kp.steps,
+        config.kp.flip_augment,
+    )
+    act = activation_of(config.kp.loss)
+    rows1 = evaluate_head(fcn1, var1, kp_layers, stride, act)
+    chosen = f"{config.decoder}{'+flip' if config.use_flip_test else ''}"
+
+    # stage 2: fine-tune the layers after kp_ft.start_at + the head
+    final_model, final_vars, rows_final = fcn1, var1, rows1
+    final_start = final_stop = None
+    if config.kp_ft.enabled:
+        start_at = config.kp_ft.start_at
+        stop_at = names[max(names.index(x) for x in kp_layers)]
+        fcn2 = KeypointFCN(
+            backbone=p.model,
+            layers=fcn1.layers,
+            head=fcn1.head,
+            num_parts=NUM_PARTS,
+            dropout_rate=config.kp.dropout,
+        )
+        shape = (1, *feats["train", False][start_at].shape[1:])
+        late, early = stages.late_backbone_params(p.model, p.variables, start_at, stop_at, shape)
+        params = {**var1["params"], "backbone": late}
+        frozen = {
+            "params": {"backbone": early},
+            **{c: {"backbone": v} for c, v in p.variables.items() if c != "params"},
+        }
+        layers2 = sorted(
+            {start_at, *(x for x in kp_layers if names.index(x) <= names.index(start_at))},
+            key=names.index,
+        )
+        arrays, transform = kp_arrays(layers2, config.kp.flip_augment)
+        cfg2 = {
+            "start_at": start_at,
+            "lr": config.kp_ft.learning_rate,
+            "steps": config.kp_ft.steps,
+            "bs": bs,
+            "flip": config.kp.flip_augment,
+        }
+        info2 = stages.StageInfo.make(
+            "keypoints_finetune", config.backbone, layers2, size, cfg2, parent=info1
+        )
+        res2 = stages.train_stage(
+            stage_root / f"2_keypoints_finetune-{info2.config_digest[:10]}",
+            info2,
+            params=params,
+            frozen=frozen,
+            loss_fn=stages.keypoint_loss_fn(
+                fcn2,
+                stride=stride,
+                kind=config.kp.loss,
+                sigma=config.kp.sigma,
+                start_at=start_at,
+                stop_at=stop_at,
+            ),
+            tx=stages.make_optimizer(
+                config.kp_ft.learning_rate, config.kp_ft.steps, config.kp.weight_decay
+            ),
+            arrays=arrays,
+            batch_size=bs,
+            num_steps=config.kp_ft.steps,
+            transform=transform,
+            seed=config.seed,
+            checkpoint_every=config.checkpoint_every,
+            num_devices=num_devices,
+            progress=config.progress,
+        )
+        seconds["stage_2_keypoints_finetune"] = res2.seconds
+        final_model = fcn2
+        final_vars = {**frozen, "params": stages.merge_params(res2.params, frozen["params"])}
+        final_start, final_stop = start_at, stop_at
+        rows_final = evaluate_head(fcn2, final_vars, layers2, stride, act, start_at, stop_at)
+
+    best = rows_final[chosen]
+    metrics.update(best["metrics"])
+    per = {a: pck(best["pred"], evals.parts, evals.visible, evals.boxes, a)[0] for a in ALPHAS}
+    for a in ALPHAS:
+        for j, part in enumerate(CUB_PART_NAMES):
+            metrics[f"per_part_pck@{a:.2f}.{part.replace(' ', '_')}"] = float(per[a][j])
+    add_rows("stage1_frozen", rows1, [chosen, *rows1])
+    add_rows("final", rows_final, [chosen, *rows_final])
+
+    # extra heads for the ablation
+    for name in config.extra.heads:
+        if name == "paper_setting":
+            layers, head, loss, keep = config.extra.paper_layers, config.kp.head, "paper", "argmax"
+        elif name == "paper_stride16":
+            layers, head, loss, keep = kp_layers, config.kp.head, "paper", "argmax"
+        else:
+            layers, head, loss, keep = (
+                kp_layers,
+                config.extra.floor_head,
+                "softmax_cell",
+                "soft_argmax",
+            )
+        m, v, st, _ = train_head(
+            f"extra_{name}", tuple(layers), head, loss, config.extra.steps, False
+        )
+        rows = evaluate_head(m, v, tuple(layers), st, activation_of(loss))
+        add_rows(name, rows, [keep, *rows])
+        if name in ("paper_setting", "floor"):
+            for k, val in rows[keep]["metrics"].items():
+                metrics[f"{name}.{k}"] = val
+
+    # ----------------------------------------------------------------- predictor + figure
+    predictor = KeypointPredictor(
+        model=KeypointFCN(
+            backbone=p.model,
+            layers=final_model.layers,
+            head=final_model.head,
+            num_parts=NUM_PARTS,
+        ),
+        variables=_full_variables(final_vars, p.variables),
+        backbone=config.backbone,
+        input_size=size,
+        stride=stride,
+        decoder=config.decoder,
+        decoder_kwargs=_decoder_kwargs(config),
+        activation=act,
+        flip_test=bool(config.use_flip_test),
+    )
+    predictor.save(workdir / "predictor")
+    save_figure(evals, best["pred"], workdir / "keypoints_cub.png", config.num_figure, config.seed)
+
+    # ----------------------------------------------------------------- classification net
+    if config.cls.enabled:
+        t0 = time.perf_counter()
+        cls_start = config.cls.start_at
+        part_layer = config.cls.part_layer
+        n_cls = len(classes)
+
+        def joint_model(holistic: str, with_parts: bool = True) -> JointClassifier:
+            return JointClassifier(
+                num_classes=n_cls,
+                backbone=p.model,
+                part_layer=part_layer,
+                holistic_layer=part_layer,
+                holistic=holistic,
+                bilinear_dim=config.cls.bilinear_dim,
+                pool_size=config.cls.pool_size,
+                pool=config.cls.pool,
+                normalize_parts=True,
+                dropout_rate=config.cls.dropout,
+            )
+
+        bb_vars = {c: {"backbone": v} for c, v in p.variables.items()}
+        from fgloc.train.keypoints import _joint_forward, _late_features
+
+        sample = {cls_start: jnp.zeros((1, *feats["train", False][cls_start].shape[1:]))}
+        sample_map = p.model.apply(
+            p.variables, sample[cls_start], False, None, start_at=cls_start, method="features"
+        )[1][part_layer]
+        part_w = int(sample_map.shape[2])
+        part_stride = _stride(size, part_w)
+        z_cells = jnp.zeros((1, NUM_PARTS, 2))
+        z_vis = jnp.ones((1, NUM_PARTS), bool)
+        pooling = {}
+        for kind in ("gap", config.cls.bilinear):
+            m = joint_model(kind)
+            v = m.init(
+                jax.random.key(0), {part_layer: sample_map}, z_cells, z_vis, method=m.from_features
+            )
+            pooling[kind] = (m, v)
+
+        def vectors(maps: np.ndarray, kp: np.ndarray, vis: np.ndarray) -> dict[str, np.ndarray]:
+            """Fixed-feature vectors per image (the coordinate transfer of the fixed part map at
+            ``kp``, and the holistic features): ``parts`` (P·C), ``gap`` (C), ``bil`` (D)."""
+
+            @jax.jit
+            def fn(batch):
+                f = joint_model("gap").apply(
+                    bb_vars,
+                    {cls_start: batch["maps"]},
+                    cls_start,
+                    None if part_layer == "pre_pool" else part_layer,
+                    method=_late_features,
+                )
+                pl = {part_layer: f[part_layer]}
+                cells = kpt.pixels_to_cells(batch["kp"], part_stride)
+                out = {}
+                for kind, (m, v) in pooling.items():
+                    _, inter = m.apply(v, pl, cells, batch["vis"], method=m.from_features)
+                    out["gap" if kind == "gap" else "bil"] = inter["holistic"]
+                    out["parts"] = inter["parts"].reshape(len(cells), -1)
+                return out
+
+            return _concat(
+                _batched(fn, {"maps": maps, "kp": kp, "vis": vis}, config.cls.batch_size)
+            )
+
+        tr_maps = feats["train", False][cls_start]
+        v_tr = vectors(tr_maps, kp_tr, vis_tr)
+        if config.flip_train:
+            v_trf = vectors(feats["train", True][cls_start], kp_tr_f, vis_tr_f)
+            v_tr = {k: np.concatenate([v_tr[k], v_trf[k]]) for k in v_tr}
+        y_tr2 = np.concatenate([y_train, y_train]) if config.flip_train else y_train
+
+        # test-time parts: the final keypoint predictions; visibility from a confidence threshold
+        # chosen on the training images
+        tr_maps_final = {
+            k: feats["train", False][k] for k in (layers2 if config.kp_ft.enabled else kp_layers)
+        }
+        tr_logits, _ = _heatmaps(
+            final_model, final_vars, tr_maps_final, final_start, final_stop, bs
+        )
+        _, tr_conf = _decode(tr_logits, stride, config.decoder, act, config)
+        threshold = _best_threshold(tr_conf, vis_tr)
+        metrics["cls_part_threshold"] = threshold
+        vis_pred = best["conf"] >= threshold
+        metrics["part_visibility_acc"] = float(np.mean(vis_pred == vis_ev))
+        ev_maps = feats["eval", False][cls_start]
+        v_ev = vectors(ev_maps, best["xy"], vis_pred)
+        v_ev_gt = vectors(ev_maps, kp_ev, vis_ev)
+        # keypoint-features baseline: GAP of the fused map of the final localization net
+        final_layers = layers2 if config.kp_ft.enabled else kp_layers
+
+        def kf_maps(split: str, flip: bool) -> dict[str, np.ndarray]:
+            return {k: feats[split, flip][k] for k in final_layers}
+
+        _, kf_tr = _heatmaps(
+            final_model, final_vars, kf_maps("train", False), final_start, final_stop, bs, True
+        )
+        if config.flip_train:
+            _, kf_trf = _heatmaps(
+                final_model, final_vars, kf_maps("train", True), final_start, final_stop, bs, True
+            )
+            kf_tr = np.concatenate([kf_tr, kf_trf])
+        _, kf_ev = _heatmaps(
+            final_model, final_vars, kf_maps("eval", False), final_start, final_stop, bs, True
+        )
+        seconds["cls_features"] = time.perf_counter() - t0
+
+        def joint_of(v: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
+            return {
+                "holistic": v["gap"],
+                "holistic_bilinear": v["bil"],
+                "joint": np.concatenate([v["parts"], v["gap"]], -1),
+                "joint_bilinear": np.concatenate([v["parts"], v["bil"]], -1),
+            }[kind]
+
+        def train_classifier(
+            tag: str, x_tr: np.ndarray, holistic: str
+        ) -> tuple[JointClassifier, dict, Any]:
+            model = joint_model(holistic)
+            params = model.init(
+                jax.random.key(config.seed),
+                {"joint": jnp.zeros((1, x_tr.shape[1]))},
+                None,
+                None,
+                None,
+                False,
+                method=_joint_forward,
+            )["params"]
+            cfg = {
+                "kind": tag,
+                "dim": int(x_tr.shape[1]),
+                "lr": config.cls.learning_rate,
+                "wd": config.cls.weight_decay,
+                "steps": config.cls.steps,
+                "bs": config.cls.batch_size,
+                "pool": [config.cls.pool_size, config.cls.pool],
+                "bilinear": [config.cls.bilinear, config.cls.bilinear_dim],
+                "train": [str(f) for f in train.file_names],
+                "flip": config.flip_train,
+            }
+            info = stages.StageInfo.make("classifier", config.backbone, (part_layer,), size, cfg)
+            res = stages.train_stage(
+                stage_root / f"3_classifier_{tag}-{info.config_digest[:10]}",
+                info,
+                params=params,
+                frozen={},
+                loss_fn=stages.classifier_loss_fn(model),
+                tx=stages.make_optimizer(
+                    config.cls.learning_rate, config.cls.steps, config.cls.weight_decay
+                ),
+                arrays={
+                    "joint": x_tr.astype(np.float32),
+                    "label": y_tr2 if len(x_tr) == len(y_tr2) else y_train,
+                },
+                batch_size=config.cls.batch_size,
+                num_steps=config.cls.steps,
+                seed=config.seed,
+                checkpoint_every=config.checkpoint_every,
+                num_devices=num_devices,
+                progress=config.progress,
+            )
+            seconds[f"stage_3_classifier_{tag}"] = res.seconds
+            return model, {"params": res.params}, info
+
+        def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> float:
+            fn = jax.jit(
+                lambda b: model.apply(variables, b, None, None, None, False, method=_joint_forward)
+            )
+            logits = _concat(
+                _batched(lambda b: fn(b), {"joint": x.astype(np.float32)}, config.cls.batch_size)
+            )
+            return float(np.mean(np.argmax(logits, -1) == y))
+
+        infos = {}
+        for kind, holistic in (
+            ("holistic", "gap"),
+            ("holistic_bilinear", config.cls.bilinear),
+            ("joint", "gap"),
+            ("joint_bilinear", config.cls.bilinear),
+        ):
+            model, variables, infos[kind] = train_classifier(kind, joint_of(v_tr, kind), holistic)
+            metrics[f"cls_acc_{kind}"] = accuracy(model, variables, joint_of(v_ev, kind), y_eval)
+            if kind.startswith("joint"):
+                metrics[f"cls_acc_{kind}_gt_parts"] = accuracy(
+                    model, variables, joint_of(v_ev_gt, kind), y_eval
+                )
+            if kind == "joint_bilinear":
+                jb_model, jb_vars = model, variables
+        model, variables, _ = train_classifier("keypoint_features", kf_tr, "gap")
+        metrics["cls_acc_keypoint_features"] = accuracy(model, variables, kf_ev, y_eval)
+
+        # stage 4: fine-tune the classification net's layers after cls.start_at through the
+        # coordinate transfer (ground-truth parts), joint bilinear classifier
+        if config.cls_ft.enabled:
+            metrics["cls_acc_joint_bilinear_stage3"] = metrics["cls_acc_joint_bilinear"]
+            shape = (1, *tr_maps.shape[1:])
+            late, early = stages.late_backbone_params(
+                p.model,
+                p.variables,
+                cls_start,
+                part_layer if part_layer != "pre_pool" else None,
+                shape,
+            )
+            params = {**jb_vars["params"], "backbone": late}
+            frozen = {
+                "params": {"backbone": early},
+                **{c: {"backbone": v} for c, v in p.variables.items() if c != "params"},
+            }
+            arrays = {cls_start: tr_maps, "keypoints": kp_tr, "visible": vis_tr, "label": y_train}
+            if config.flip_train:
+                arrays = {
+                    cls_start: np.concatenate([tr_maps, feats["train", True][cls_start]]),
+                    "keypoints": np.concatenate([kp_tr, kp_tr_f]),
+                    "visible": np.concatenate([vis_tr, vis_tr_f]),
+                    "label": y_tr2,
+                }
+            cls_stop = None if part_layer == "pre_pool" else part_layer
+            cfg4 = {
+                "lr": config.cls_ft.learning_rate,
+                "steps": config.cls_ft.steps,
+                "bs": config.cls_ft.batch_size,
+                "start_at": cls_start,
+            }
+            info4 = stages.StageInfo.make(
+                "classifier_finetune",
+                config.backbone,
+                (cls_start,),
+                size,
+                cfg4,
+                parent=infos["joint_bilinear"],
+            )
+            res4 = stages.train_stage(
+                stage_root / f"4_classifier_finetune-{info4.config_digest[:10]}",
+                info4,
+                params=params,
+                frozen=frozen,
+                loss_fn=stages.classifier_loss_fn(
+                    jb_model, part_stride=part_stride, start_at=cls_start, stop_at=cls_stop
+                ),
+                tx=stages.make_optimizer(
+                    config.cls_ft.learning_rate, config.cls_ft.steps, config.cls.weight_decay
+                ),
+                arrays=arrays,
+                batch_size=config.cls_ft.batch_size,
+                num_steps=config.cls_ft.steps,
+                seed=config.seed,
+                checkpoint_every=config.checkpoint_every,
+                num_devices=num_devices,
+                progress=config.progress,
+            )
+            seconds["stage_4_classifier_finetune"] = res4.seconds
+            v4 = {**frozen, "params": stages.merge_params(res4.params, frozen["params"])}
+            fn = jax.jit(
+                lambda b: jb_model.apply(
+                    v4, b, cls_start, cls_stop, part_stride, False, method=_joint_forward
+                )
+            )
+            for tag, kp_, vis_ in (("", best["xy"], vis_pred), ("_gt_parts", kp_ev, vis_ev)):
+                logits = _concat(
+                    _batched(
+                        fn,
+                        {cls_start: ev_maps, "keypoints": kp_, "visible": vis_},
+                        config.cls_ft.batch_size,
+                    )
+                )
+                metrics[f"cls_acc_joint_bilinear{tag}"] = float(
+                    np.mean(np.argmax(logits, -1) == y_eval)
+                )
+
+    metrics.update(
+        {
+            "n_images": len(evals),
+            "n_train": len(train),
+            "n_classes": n_cls,
+            "eval_split": config.eval_split,
+            "backbone": config.backbone,
+            "input_size": size,
+            "decoder": chosen,
+        }
+    )
+    for k, v in seconds.items():
+        metrics[f"seconds.{k}"] = round(v, 1)
+    metrics["seconds.total_run"] = round(time.perf_counter() - t_start, 1)
+    (workdir / "stages.json").write_text(
+        json.dumps({k: round(v, 1) for k, v in seconds.items()}, indent=2) + "\n"
+    )
+    return metrics
+
+
+def _best_threshold(conf: np.ndarray, visible: np.ndarray) -> float:
+    """The confidence threshold that best separates visible from invisible annotated parts."""
+    c = np.sort(np.unique(np.round(conf.ravel(), 4)))
+    if len(c) > 200:
+        c = np.quantile(conf.ravel(), np.linspace(0, 1, 201))
+    acc = [np.mean((conf >= t) == visible) for t in c]
+    return float(c[int(np.argmax(acc))])
+
+
+def _decoder_kwargs(config: Any) -> dict[str, Any]:
+    if config.decoder == "soft_argmax":
+        return {"window": int(config.window)}
+    if config.decoder == "dark":
+        return {"smooth_sigma": float(config.dark_sigma)}
+    return {}
+
+
+def _full_variables(final_vars: Mapping[str, Any], backbone_vars: Mapping[str, Any]) -> dict:
+    """Final keypoint variables with every backbone parameter (stage 1 has none)."""
+    from fgloc.train.keypoints import merge_params
+
+    params = dict(final_vars["params"])
+    if "backbone" not in params:
+        params["backbone"] = backbone_vars["params"]
+    else:
+        params = merge_params(params, {"backbone": backbone_vars["params"]})
+    out = {"params": params}
+    for c, v in backbone_vars.items():
+        if c != "params":
+            out[c] = {"backbone": v}
+    return out
+
+
+if __name__ == "__main__":
+    common.main(run)

@@ -1,0 +1,179 @@
+"""experiments/keypoint_fcn_cub: configuration checks (impossible options name the option),
+annotation checks (wrong part count, nothing visible), and end-to-end smoke runs on real CUB
+(Lite0 smoke, the paper's VGG16 setting in a tiny version) asserting the metric keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments import keypoint_fcn_cub as exp
+from experiments.configs import keypoint_fcn_cub as configs
+from fgloc.data import cub
+from fgloc.metrics import CUB_PART_NAMES
+
+LITE0_LAYERS = ["stem", *(f"block{i}" for i in range(16)), *(f"stage{k}" for k in range(1, 8))]
+LITE0_LAYERS.append("pre_pool")
+
+
+def test_presets_load_and_validate():
+    for name in configs.PRESETS:
+        c = configs.get_config(name)
+        exp.validate_config(c)
+    assert configs.get_config(None).input_size == configs.get_config("default").input_size
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        configs.get_config("nope")
+    exp.validate_config(configs.get_config(), LITE0_LAYERS)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("input_size", 100, "config.input_size: must be a positive multiple of 32"),
+        ("eval_split", "dev", "config.eval_split"),
+        ("decoder", "mean", "config.decoder: must be one of"),
+        ("window", 4, "config.window: must be a positive odd"),
+        ("num_devices", 3, "config.batch_size: 16 must be a positive multiple of the 3"),
+        ("use_flip_test", True, "config.use_flip_test: needs flip_test"),
+    ],
+)
+def test_impossible_options_name_the_option(field, value, message):
+    c = configs.get_config()
+    c[field] = value
+    if field == "use_flip_test":
+        c.flip_test = False
+    with pytest.raises(ValueError, match=message):
+        exp.validate_config(c)
+
+
+def test_impossible_layer_options():
+    def bad(change, message):
+        c = configs.get_config()
+        change(c)
+        with pytest.raises(ValueError, match=message):
+            exp.validate_config(c, LITE0_LAYERS)
+
+    bad(lambda c: setattr(c.kp, "loss", "mse"), "config.kp.loss")
+    bad(lambda c: setattr(c.kp, "layers", ("stage5", "fc9")), r"config.kp.layers: layers \['fc9'\]")
+    bad(lambda c: setattr(c.kp_ft, "start_at", "stage7"), "config.kp_ft.start_at.*must come before")
+    bad(lambda c: setattr(c, "extract_stop", "stage6"), "come after extract_stop 'stage6'")
+    bad(lambda c: setattr(c.cls, "bilinear", "cubic"), "config.cls.bilinear")
+    bad(lambda c: setattr(c.extra, "heads", ("floor", "best")), r"unknown heads \['best'\]")
+    bad(
+        lambda c: setattr(c.kp, "flip_augment", True) or setattr(c, "flip_train", False),
+        "config.kp.flip_augment: needs flip_train",
+    )
+
+
+def _fake_cub(parent: pathlib.Path, part_names, visible=True) -> pathlib.Path:
+    root = parent / "CUB_200_2011"
+    (root / "parts").mkdir(parents=True)
+    (root / "images" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "images/a/x.jpg")
+    (root / "classes.txt").write_text("1 001.A\n")
+    (root / "parts/parts.txt").write_text(
+        "".join(f"{i} {n}\n" for i, n in enumerate(part_names, 1))
+    )
+    (root / "images.txt").write_text("1 a/x.jpg\n")
+    (root / "image_class_labels.txt").write_text("1 1\n")
+    (root / "train_test_split.txt").write_text("1 1\n")
+    (root / "bounding_boxes.txt").write_text("1 1 1 10 10\n")
+    v = int(visible)
+    rows = [
+        f"1 {p} {5.0 if v else 0} {5.0 if v else 0} {v}\n" for p in range(1, len(part_names) + 1)
+    ]
+    (root / "parts/part_locs.txt").write_text("".join(rows))
+    return root
+
+
+def test_annotation_part_count_and_visibility_are_checked(tmp_path):
+    ann = cub.read_cub(_fake_cub(tmp_path / "ok", CUB_PART_NAMES))
+    assert exp.check_annotations(ann) is ann
+    sixteen = cub.read_cub(_fake_cub(tmp_path / "16", [*CUB_PART_NAMES, "tail feather"]))
+    with pytest.raises(ValueError, match="have 16 parts.*needs the 15 CUB parts"):
+        exp.check_annotations(sixteen)
+    none = cub.read_cub(_fake_cub(tmp_path / "none", CUB_PART_NAMES, visible=False))
+    with pytest.raises(ValueError, match="no keypoint is visible"):
+        exp.check_annotations(none)
+    # a part_locs.txt row for a part the parts.txt does not list: the reader names file and line
+    root = _fake_cub(tmp_path / "14", CUB_PART_NAMES[:14])
+    with (root / "parts/part_locs.txt").open("a") as f:
+        f.write("1 15 5 5 1\n")
+    with pytest.raises(cub.CubFormatError, match=r"part_locs.txt.*part id 15 out of range 1..14"):
+        cub.read_cub(root)
+    moved = dataclasses.replace(ann, part_names=tuple(reversed(CUB_PART_NAMES)))
+    with pytest.raises(ValueError, match="15 CUB parts"):
+        exp.check_annotations(moved)
+
+
+KEYS = [
+    *(f"pck@{a:.2f}" for a in exp.ALPHAS),
+    "pcp_head",
+    "pcp_body",
+    "cls_acc_holistic",
+    "cls_acc_holistic_bilinear",
+    "cls_acc_joint",
+    "cls_acc_joint_bilinear",
+    "cls_acc_keypoint_features",
+    "n_images",
+    "backbone",
+    "input_size",
+    "seconds",
+]
+
+
+def _run(preset, shared_data, workdir, *overrides):
+    from experiments import common
+
+    argv = ["--config", f"{configs.__file__}:{preset}", "--workdir", str(workdir)]
+    argv += ["--data_dir", str(shared_data), *overrides]
+    return common.main(exp.run, argv)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
+    m = _run("smoke", shared_data, tmp_path)
+    for k in KEYS:
+        assert k in m, k
+    assert m["backbone"] == "efficientnet_lite0" and m["input_size"] == 96
+    pck = [m[f"pck@{a:.2f}"] for a in exp.ALPHAS]
+    assert all(0 <= v <= 1 for v in pck) and pck == sorted(pck)  # PCK grows with α
+    for name in ("floor", "paper_setting"):
+        assert f"{name}.pck@0.05" in m and f"ablation.{name}.pck@0.10" in m
+    assert (
+        "ablation.final.argmax.pck@0.05" in m and "ablation.stage1_frozen.dark+flip.pck@0.10" in m
+    )
+    assert len([k for k in m if k.startswith("per_part_pck@0.10.")]) == 15
+    assert all(m[f"seconds.stage_{s}"] >= 0 for s in ("1_keypoints", "2_keypoints_finetune"))
+    assert (tmp_path / "predictor" / "predictor.json").is_file()
+    assert (tmp_path / "keypoints_cub.png").is_file()
+    stage_dirs = sorted(p.name.split("-")[0] for p in (tmp_path / "stages").iterdir())
+    assert {"1_keypoints", "2_keypoints_finetune", "4_classifier_finetune"} <= set(stage_dirs)
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == m["n_images"]
+    # a second run resumes from the caches and finished stages: same numbers, no training
+    again = _run("smoke", shared_data, tmp_path)
+    assert again["pck@0.10"] == m["pck@0.10"]
+    assert again["cls_acc_joint_bilinear"] == m["cls_acc_joint_bilinear"]
+    assert again["seconds.stage_1_keypoints"] == 0.0
+    from fgloc.localize.keypoint_predictor import KeypointPredictor
+
+    pred = KeypointPredictor.load(tmp_path / "predictor")
+    xy, conf = pred.predict_keypoints([np.zeros((50, 80, 3), np.uint8)])
+    assert xy.shape == (1, 15, 2) and conf.shape == (1, 15)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_paper_vgg16_tiny_runs(shared_data, tmp_path):
+    m = _run("paper_vgg16_tiny", shared_data, tmp_path)
+    assert m["backbone"] == "vgg16_lpips" and m["decoder"] == "argmax"
+    for k in KEYS:
+        assert k in m, k
+    info = json.loads(next((tmp_path / "stages").glob("1_keypoints-*/stage.json")).read_text())
+    assert info["layers"] == ["pool5"] and info["backbone"] == "vgg16_lpips"
