@@ -143,6 +143,24 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     )  # fmt: skip
     assert det.box.kind == "ridge" and det.full is not None
 
+    # `fgloc localize --method parts --weights W/detector` draws the 15 parts on a real photo,
+    # on the whole photo and with --box (the box read-out).
+    from fgloc.cli import main as cli_main
+    from fgloc.data.cub import read_cub
+
+    cub = read_cub(cub_dir)
+    photo = str(cub.paths[0])
+    x0, y0, x1, y1 = (float(v) for v in cub.boxes[0])
+    for extra, out in (
+        ([], tmp_path / "cli"),
+        (["--box", f"{x0},{y0},{x1},{y1}"], tmp_path / "cli_box"),
+    ):
+        code = cli_main(["localize", photo, "--method", "parts", "--weights",
+                         str(tmp_path / "detector"), "--out", str(out), *extra])  # fmt: skip
+        assert code == 0
+        (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert len(row["parts"]) == 15 and ("box" in row) == bool(extra)
+
     # A second run over the same workdir reuses every cached centre and reproduces the numbers.
     def no_compute(*args, **kwargs):
         raise AssertionError("centres recomputed although cached")

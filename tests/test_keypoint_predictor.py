@@ -5,6 +5,7 @@ the keypoint overlay picture."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,31 @@ def test_keypoint_overlay_is_bounded(tmp_path):
     assert max(w, h) <= 800
     with pytest.raises(ValueError, match="xy must be"):
         save_keypoint_overlay(photo, xy[:, :1], conf, out)
+
+
+def test_cli_draws_keypoints_with_a_saved_predictor(predictor, tmp_path):
+    """``fgloc localize PHOTO --method keypoints --weights DIR`` as a user runs it (subprocess):
+    one overlay and one results line with the 15 named parts in the photo's pixels."""
+    import subprocess
+    import sys
+
+    d = predictor.save(tmp_path / "pred")
+    photo = tmp_path / "bird.png"
+    Image.fromarray(_photos()[0]).save(photo)
+    fgloc_script = pathlib.Path(sys.executable).with_name("fgloc")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(fgloc_script), "localize", str(photo), "--method", "keypoints", "--weights", str(d),
+         "--out", str(out)], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [p["name"] for p in row["parts"]] == list(CUB_PART_NAMES)
+    xy, _ = predictor.predict_keypoints([_photos()[0]])
+    np.testing.assert_allclose([[p["x"], p["y"]] for p in row["parts"]], xy[0], atol=0.06)
+    assert (out / "bird_keypoints.png").is_file()
+    bad = subprocess.run(
+        [str(fgloc_script), "localize", str(photo), "--method", "keypoints", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "needs --weights DIR" in bad.stderr
