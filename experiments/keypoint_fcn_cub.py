@@ -164,7 +164,7 @@ def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> No
 def check_annotations(ann: Any) -> Any:
     """``ann`` if it has the 15 CUB parts and some visible keypoint; else ValueError naming
     what is wrong (paper 2's metrics, flip pairs and part groups are defined on them)."""
-    from fgloc.metrics import CUB_PART_NAMES
+    from fgloc.data.cub_parts import CUB_PART_NAMES
 
     n = ann.parts.shape[1]
     if n != len(CUB_PART_NAMES) or tuple(ann.part_names) != CUB_PART_NAMES:
@@ -392,8 +392,8 @@ def save_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fgloc.data.cub_parts import CUB_PART_NAMES
     from fgloc.data.images import load_image
-    from fgloc.metrics import CUB_PART_NAMES
 
     if n < 1 or len(ann) == 0:
         return None
@@ -429,9 +429,10 @@ def save_figure(
 # ------------------------------------------------------------------------------------- run
 def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
     from fgloc.data.cub import NUM_PARTS, read_cub
+    from fgloc.data.cub_parts import CUB_PART_NAMES
     from fgloc.localize import keypoints as kpt
     from fgloc.localize.keypoint_predictor import KeypointPredictor
-    from fgloc.metrics import CUB_PART_NAMES, pck
+    from fgloc.metrics import pck
     from fgloc.models.keypoint_fcn import JointClassifier, KeypointFCN
     from fgloc.pretrained import pretrained
     from fgloc.train import keypoints as stages

@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import scipy.ndimage as ndi
 
+from fgloc.data.cub_parts import CUB_PART_GROUPS, CUB_PART_NAMES
 from fgloc.localize.boxes import boxes_in_image, map_boxes
 from fgloc.maps.normalize import minmax_normalize
 from fgloc.maps.resample import resize_maps_host
@@ -522,34 +523,7 @@ def max_box_acc_v2_in_images(
 # Parts
 # ------------------------------------------------------------------------------------------------
 
-#: CUB-200-2011 part names in ``parts/parts.txt`` order (part id ``i + 1`` is index ``i``).
-CUB_PART_NAMES: tuple[str, ...] = (
-    "back",
-    "beak",
-    "belly",
-    "breast",
-    "crown",
-    "forehead",
-    "left eye",
-    "left leg",
-    "left wing",
-    "nape",
-    "right eye",
-    "right leg",
-    "right wing",
-    "tail",
-    "throat",
-)
-
-#: Head and body part groups for PCP, as 0-based indices into :data:`CUB_PART_NAMES`.
-#: Zhang et al. 2016 (Sec. 3.6, Table 3) crop "head and body ... using the keypoints" after
-#: Zhang et al. 2014 (Part-based R-CNN) without listing the keypoints; our choice: the head is
-#: beak, crown, forehead, both eyes, nape and throat; the body is back, belly, breast, both wings
-#: and tail. Legs are left out of the body (they often hang far below it on a perch).
-CUB_PART_GROUPS: dict[str, tuple[int, ...]] = {
-    "head": (1, 4, 5, 6, 9, 10, 14),
-    "body": (0, 2, 3, 8, 12, 13),
-}
+# The CUB part names and PCP groups live with the dataset (`fgloc.data.cub_parts`).
 
 
 def _keypoints(pred: Any, true: Any, visible: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fgloc.localize.coordinate_transfer",
             "fgloc.localize.ridge",
             "fgloc.data.images",
+            "fgloc.data.cub_parts",
             "fgloc.data.pipeline",
         ),
     ),

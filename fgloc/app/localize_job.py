@@ -18,14 +18,14 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from fgloc.app.overlays import save_overlay
 from fgloc.data.images import ImageError, load_image
+from fgloc.data.pipeline import resize_image
 from fgloc.localize.boxes import boxes_from_maps
 from fgloc.maps import class_activation_maps, resize_maps, sensitivity_maps
+from fgloc.maps.normalize import minmax_normalize
 from fgloc.maps.smooth import gaussian_blur
 from fgloc.pretrained import Pretrained
 
@@ -80,16 +80,14 @@ def _localize_batch(
         maps = sensitivity_maps(lambda z: model.apply(variables, z)[0], x, classes)
         maps = gaussian_blur(maps, smooth_sigma)
     b, k = classes.shape
-    lo = maps.min(axis=(-2, -1), keepdims=True)
-    hi = maps.max(axis=(-2, -1), keepdims=True)
-    maps = (maps - lo) / jnp.maximum(hi - lo, 1e-12)
+    maps = minmax_normalize(maps)
     boxes = boxes_from_maps(maps.reshape(b * k, *size), threshold=threshold).reshape(b, k, 4)
     return scores, classes, maps, boxes
 
 
 def resize_photo(photo: np.ndarray, size: int) -> np.ndarray:
-    """Whole photo -> ``uint8 (size, size, 3)`` (bilinear, no crop)."""
-    return np.asarray(Image.fromarray(photo).resize((size, size), Image.Resampling.BILINEAR))
+    """Whole photo -> ``uint8 (size, size, 3)`` (bilinear, no crop; the one resize path)."""
+    return resize_image(photo, (size, size))
 
 
 def localize(

@@ -93,7 +93,7 @@ def save_keypoint_overlay(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fgloc.metrics import CUB_PART_NAMES
+    from fgloc.data.cub_parts import CUB_PART_NAMES
 
     photo = np.asarray(image_uint8)
     pts = np.asarray(xy, np.float64)

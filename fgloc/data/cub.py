@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
-from fgloc.metrics import CUB_PART_NAMES
+from fgloc.data.cub_parts import CUB_PART_NAMES
 
 NUM_CLASSES = 200
 NUM_PARTS = 15

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgloc.data.cub_parts import CUB_PART_NAMES
 from fgloc.localize import keypoints as kpt
-from fgloc.metrics import CUB_PART_NAMES
 from fgloc.weights.io import (
     ConversionError,
     flatten,

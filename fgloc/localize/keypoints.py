@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fgloc.metrics import CUB_PART_NAMES
+from fgloc.data.cub_parts import CUB_PART_NAMES
 
 __all__ = [
     "ACTIVATIONS",
