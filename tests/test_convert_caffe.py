@@ -19,6 +19,7 @@ from conftest import require_path
 from google.protobuf import text_format
 
 from fgloc.models.caffe_graph import CaffeGraph, caffe_pool_output_size
+from fgloc.weights import caffe_npz
 from fgloc.weights.io import ConversionError
 from weights_conversion import caffe as C
 from weights_conversion import caffe_pb2
@@ -237,7 +238,7 @@ def random_bgr(shape, seed=1) -> np.ndarray:
 def flax_forward(model, variables, info, x_bgr: np.ndarray):
     """Raw BGR NCHW pixels -> Flax forward via the converter's preprocessing on RGB NHWC."""
     rgb = np.transpose(x_bgr[:, ::-1], (0, 2, 3, 1))
-    x = C.make_preprocess(info)(rgb)
+    x = caffe_npz.make_preprocess(info)(rgb)
     return model.apply(variables, x)
 
 
@@ -541,7 +542,7 @@ def test_main_convert_roundtrip_with_mean_file(tmp_path):
     )
     npz = tmp_path / "out" / "tiny.npz"
     meta = json.loads(npz.with_suffix(".json").read_text())
-    assert meta["format"] == C.SIDECAR_FORMAT
+    assert meta["format"] == caffe_npz.SIDECAR_FORMAT
     assert [layer["name"] for layer in meta["spec"]["layers"]][:2] == ["conv1", "relu1"]
     with np.load(npz) as data:
         assert "params/conv1/kernel" in data.files and data["params/conv1/kernel"].shape == (
@@ -550,7 +551,7 @@ def test_main_convert_roundtrip_with_mean_file(tmp_path):
             3,
             8,
         )
-    model, variables, info = C.load_converted(npz)
+    model, variables, info = caffe_npz.load_converted(npz)
     np.testing.assert_allclose(info["mean"], mean_image[0].mean(axis=(1, 2))[::-1], rtol=1e-6)
     np.testing.assert_array_equal(
         info["mean_image"], np.transpose(mean_image[0], (1, 2, 0))[..., ::-1]

@@ -18,7 +18,7 @@ Preprocessing (Caffe ImageNet models): input is BGR, 0-255 range, minus the mean
 ``rgb_input=True`` (default) the input-channel axis of every Convolution reading the input
 blob is reversed, so the Flax model takes **RGB** ``x = rgb_0_255 − (123, 117, 104)``: the
 same numbers as Caffe on the BGR image. ``preprocess_info`` records this; use
-:func:`make_preprocess` to get the function.
+:func:`fgloc.weights.caffe_npz.make_preprocess` to get the function.
 
 Command line (the ``fgloc convert --from caffe`` entry calls :func:`main_convert`)::
 
@@ -26,7 +26,7 @@ Command line (the ``fgloc convert --from caffe`` entry calls :func:`main_convert
         [--mean-file mean.binaryproto] [--bgr] [--allow-unused] [--train-val]
 
 writes ``out.npz`` ('/'-joined variables) and ``out.json`` (net spec + preprocessing); load
-both with :func:`load_converted`.
+both with :func:`fgloc.weights.caffe_npz.load_converted`.
 """
 
 from __future__ import annotations
