@@ -18,7 +18,9 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 def _commands() -> list[str]:
     cmds: list[str] = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", README, re.S):
+    for lang, block in re.findall(r"```([a-z]*)\n(.*?)```", README, re.S):
+        if lang not in ("", "bash", "sh", "console", "text"):
+            continue  # python examples are code, not commands
         cur = ""
         for line in block.splitlines():
             line = line.split("  # ")[0].rstrip()
