@@ -138,6 +138,22 @@ class CubAnnotations:
             raise ValueError(f"split must be 'train', 'test' or 'all', got {name!r}")
         return self.subset(self.is_train if name == "train" else ~self.is_train)
 
+    def classes(self, class_ids: Sequence[int]) -> CubAnnotations:
+        """The images of the CUB class ids ``class_ids`` (1-based, as ``classes.txt``)."""
+        ids = np.asarray(list(class_ids), np.int64)
+        if ids.size and (ids.min() < 1 or ids.max() > len(self.class_names)):
+            raise ValueError(
+                f"class ids must lie in 1..{len(self.class_names)}, got {ids.min()}..{ids.max()}"
+            )
+        return self.subset(np.isin(self.labels, ids - 1))
+
+
+# The class-disjoint protocol (issue 18): every design choice (threshold, weights, resolution,
+# which map) is fixed on DESIGN_CLASSES; the same configuration is then trained on the train split
+# of SCORE_CLASSES and scored on their test split. CUB class ids, 1-based.
+DESIGN_CLASSES = tuple(range(1, 13))
+SCORE_CLASSES = tuple(range(13, 26))
+
 
 # ----------------------------------------------------------------------------- locating files
 
