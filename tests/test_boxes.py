@@ -9,6 +9,8 @@ import pytest
 from scipy import ndimage
 
 from fgloc.localize.boxes import (
+    RUN_SLOTS,
+    _boxes_runs,
     _label,
     boxes_from_maps,
     boxes_in_image,
@@ -34,7 +36,7 @@ def _our_rank_labels(labels):
     return out
 
 
-def _reference_box(m, threshold, connectivity=4):
+def _reference_box(m, threshold, connectivity=4) -> np.ndarray:
     mask = m > threshold * m.max()
     if not mask.any():
         return np.array([0, 0, m.shape[1], m.shape[0]], np.float32)
@@ -196,6 +198,106 @@ def test_boxes_jit_batched_and_image_coords():
         )
     img = boxes_from_maps(maps, image_hw=(224, 448))
     np.testing.assert_allclose(np.asarray(img), np.asarray(eager) * [32, 16, 32, 16])
+
+
+def _column_run_counts(mask):
+    """Vertical runs per column of a ``(..., h, w)`` mask."""
+    above = np.concatenate([np.zeros_like(mask[..., :1, :]), mask[..., :-1, :]], axis=-2)
+    return (mask & ~above).sum(axis=-2)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_run_path_on_any_mask_8_rows_high(connectivity):
+    """Columns of 8 pixels hold at most 4 = RUN_SLOTS runs, so every mask takes the run path:
+    random masks at many densities, a checkerboard, a full map, single pixels, stripes."""
+    h, w = 8, 29
+    masks = np.concatenate([RNG.random((8, h, w)) < p for p in (0.1, 0.3, 0.5, 0.6, 0.8)])
+    yy, xx = np.mgrid[:h, :w]
+    extra = np.zeros((5, h, w), bool)
+    extra[0] = (yy + xx) % 2 == 0  # checkerboard: 4-connected singletons, one 8-component
+    extra[1] = True
+    extra[2, 3, 7] = extra[2, 5, 20] = True  # two single pixels: a tie, the first wins
+    extra[3, ::2] = True  # four full rows: a tie of equal stripes
+    extra[4, :, ::2] = True  # fifteen full columns
+    maps = np.concatenate([masks, extra]).astype(np.float32)
+    assert (h + 1) // 2 <= RUN_SLOTS
+    ours, fits = _boxes_runs(jnp.asarray(maps), 0.5, connectivity)
+    assert bool(fits)
+    ref = np.stack([_reference_box(m, 0.5, connectivity) for m in maps])
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+    got = boxes_from_maps(jnp.asarray(maps), 0.5, connectivity=connectivity)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    np.testing.assert_array_equal(
+        np.asarray(ours[40]), [0, 0, w, h] if connectivity == 8 else [0, 0, 1, 1]
+    )
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_run_path_on_smooth_maps_like_cams(connectivity):
+    """CAM-like maps (7 x 7 noise upsampled to 56 x 56, smoothed): few runs per column, so the
+    run path holds them (fits), with the reference's boxes at several thresholds."""
+    small = RNG.normal(size=(12, 7, 7))
+    maps = np.stack([ndimage.zoom(s, 8, order=1) for s in small]).astype(np.float32)
+    for t in (0.2, 0.5):
+        assert _column_run_counts(maps > t * maps.max(axis=(1, 2), keepdims=True)).max() > 1
+        ours, fits = _boxes_runs(jnp.asarray(maps), t, connectivity)
+        assert bool(fits)
+        ref = np.stack([_reference_box(m, t, connectivity) for m in maps])
+        np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_run_path_adversarial_shapes_and_fallback(connectivity):
+    """A spiral (one long path), a comb of vertical bars joined at alternate ends, diagonal
+    stairs: with enough slots the run path gives the reference's boxes; with RUN_SLOTS they
+    overflow (fits False) and boxes_from_maps falls back to per-pixel propagation, same boxes."""
+    n = 15
+    comb = np.zeros((n, n), bool)
+    comb[:, ::2] = True
+    comb[0, 1::4] = comb[-1, 3::4] = True
+    stairs = np.eye(n, dtype=bool) | np.eye(n, k=3, dtype=bool) | np.eye(n, k=-6, dtype=bool)
+    zigzag = np.zeros((n, n), bool)
+    zigzag[(np.abs((np.arange(n) % 8) - 4) + 3), np.arange(n)] = True  # 8-connected only
+    maps = np.stack([_spiral(n), comb, stairs, zigzag, _snake(n, n)]).astype(np.float32)
+    ref = np.stack([_reference_box(m, 0.5, connectivity) for m in maps])
+    slots = int(_column_run_counts(maps > 0.5).max())
+    assert slots > RUN_SLOTS
+    ours, fits = _boxes_runs(jnp.asarray(maps), 0.5, connectivity, slots=slots)
+    assert bool(fits)
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+    _, fits = _boxes_runs(jnp.asarray(maps), 0.5, connectivity)
+    assert not bool(fits)
+    got = boxes_from_maps(jnp.asarray(maps), 0.5, connectivity=connectivity)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    np.testing.assert_array_equal(np.asarray(got[0]), [0, 0, n, n])  # the spiral spans the map
+
+
+def test_run_path_tie_is_row_major_not_column_major():
+    """Equal sizes: the component whose first pixel comes first in row-major order wins, even
+    when the runs (one per column, column-major ids) meet the other component first."""
+    maps = np.zeros((2, 6, 9), np.float32)
+    maps[:, 0, 5:8] = 1.0  # 3 px, first pixel (0, 5)
+    maps[:, 2:5, 0] = 1.0  # 3 px, first pixel (2, 0): earlier in column-major order
+    maps[1, 5, 3] = 1.0  # and a smaller one
+    ours, fits = _boxes_runs(jnp.asarray(maps), 0.5, 4)
+    assert bool(fits)
+    np.testing.assert_array_equal(np.asarray(ours), [[5, 0, 8, 1], [5, 0, 8, 1]])
+    np.testing.assert_array_equal(np.stack([_reference_box(m, 0.5) for m in maps]), ours)
+
+
+def test_boxes_vmap_equals_batched_with_and_without_fallback():
+    """vmap over an outer axis (the fallback's cond becomes a select) == one batched call ==
+    the reference, for a batch on the run path and a batch that needs the fallback."""
+    smooth = np.stack([ndimage.zoom(s, 4, order=1) for s in RNG.normal(size=(6, 5, 5))])
+    rough = smooth.copy()
+    rough[4] = RNG.random((20, 20))  # many runs per column: this batch falls back
+    for maps, run_path in ((smooth, True), (rough, False)):
+        x = jnp.asarray(maps.astype(np.float32))
+        assert bool(_boxes_runs(x, 0.2, 4)[1]) == run_path
+        batched = np.asarray(boxes_from_maps(x))
+        mapped = np.asarray(jax.vmap(boxes_from_maps)(x.reshape(2, 3, 20, 20))).reshape(6, 4)
+        np.testing.assert_array_equal(mapped, batched)
+        np.testing.assert_array_equal(batched, np.stack([_reference_box(m, 0.2) for m in maps]))
 
 
 def test_scale_boxes_pixel_edges():

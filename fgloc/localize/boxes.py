@@ -20,12 +20,30 @@ Entry points:
   threshold sweep and the final boxes use the same function). What the experiments call.
 * `boxes_from_maps` — the ``"largest"`` rule batched and jittable on device (for the CLI and
   in-graph use): exactly `map_boxes(rule="largest")` (tests check parity for both
-  connectivities) except that a map with no foreground gets the whole-map box.
-  Labels by propagation: labels start as each pixel's row-major index; each `lax.while_loop`
-  step takes the min over the 4 (or 8) neighbours, hooks the current root to that min
-  (scatter-min) and does one pointer jump ``L ← L[L]``, until nothing changes. Labels end as
-  the smallest row-major index in each component (scipy's ``ndimage.label`` numbers
-  components in the same order); sizes by `jax.ops.segment_sum`; the box from masked min/max.
+  connectivities) except that a map with no foreground gets the whole-map box. Two paths, one
+  jitted computation (no host callback):
+
+  1. *Column runs* (when every column of every map in the batch has at most `RUN_SLOTS` = 4
+     vertical runs of foreground, as thresholded CAMs do): the masks are packed 32 rows to a
+     uint32 word; run starts and ends are bit operations on the words (``w & ~(w >> 1 | ..)``)
+     and the first 4 of each per column come out with ``clz``. Two runs connect only in
+     neighbouring columns, where their row intervals overlap (4-connectivity) or touch
+     diagonally too (8). Runs are labelled on that graph (``4 · B · w`` nodes, not ``B · h · w``
+     pixels): each `lax.while_loop` step takes the min label over the neighbouring runs, hooks
+     each run's label to that min (scatter-min) and jumps pointers twice, to a fixed point.
+     Sizes are the run lengths summed per label (`jax.ops.segment_sum`); a component's first
+     pixel in row-major order is the top pixel of one of its runs, which gives the tie rule.
+  2. *Per-pixel propagation* (the fallback, selected by `lax.cond` for the whole batch when a
+     column has more runs, e.g. noise or a spiral): labels start as each pixel's row-major
+     index; each `lax.while_loop` step takes the min over the 4 (or 8) neighbours, hooks the
+     current root to that min (scatter-min) and does one pointer jump ``L ← L[L]``, until
+     nothing changes. Labels end as the smallest row-major index in each component (scipy's
+     ``ndimage.label`` numbers components in the same order); sizes by
+     `jax.ops.segment_sum`; the box from masked min/max. `connected_components` uses it.
+
+  On the 256 CAMs of ``experiments/benchmark_peers.py`` (224 × 224) the run path needs 5
+  label steps (9 with one pointer jump per step, 90 without hooking); timings against OpenCV
+  are in BENCHMARKS.md (``experiments/benchmark_boxes.py``).
 
 Boxes are ``[x0, y0, x1, y1]`` float pixels, ``x1``/``y1`` exclusive (DEVELOPING.md); a
 component covering columns ``a..b`` and rows ``c..d`` gives ``[a, c, b + 1, d + 1]``.
@@ -129,6 +147,8 @@ def connected_components(masks: jax.Array, connectivity: int = 4) -> jax.Array:
 
 
 def _box_one(m: jax.Array, threshold: float | jax.Array, connectivity: int) -> jax.Array:
+    """The general (per-pixel propagation) box of one ``(h, w)`` map: the fallback of
+    `boxes_from_maps` for maps with more than `RUN_SLOTS` runs in a column."""
     h, w = m.shape
     n = h * w
     mask = m > threshold * jnp.max(m)
@@ -147,6 +167,155 @@ def _box_one(m: jax.Array, threshold: float | jax.Array, connectivity: int) -> j
     return jnp.where(jnp.any(mask), box, whole)
 
 
+#: Runs (maximal vertical stretches of foreground) per column that the fast path of
+#: `boxes_from_maps` holds; a batch with a column of more runs takes the per-pixel path.
+RUN_SLOTS = 4
+
+
+def _pack_columns(mask: jax.Array) -> jax.Array:
+    """``(B, h, w)`` bool -> ``(ceil(h / 32), B, w)`` uint32 words: row ``32 i + j`` of each
+    column is bit ``31 - j`` (most significant first) of word ``i``; rows past ``h`` are 0."""
+    b, h, w = mask.shape
+    nw = -(-h // 32)
+    mask = jnp.pad(mask, ((0, 0), (0, nw * 32 - h), (0, 0)))
+    shifts = (31 - jnp.arange(32, dtype=jnp.uint32)).reshape(1, 1, 32, 1)
+    bits = mask.reshape(b, nw, 32, w).astype(jnp.uint32) << shifts
+    words = jnp.sum(bits, axis=2, dtype=jnp.uint32)  # distinct bits: the sum is the OR
+    return jnp.swapaxes(words, 0, 1)
+
+
+def _first_rows(words: jax.Array, slots: int, h: int) -> tuple[jax.Array, jax.Array]:
+    """Rows of the first ``slots`` set bits of each column of packed ``words`` ``(..., nw, B,
+    w)`` (`_pack_columns` layout): ``(slots, ..., B, w)`` int32 ascending, ``h`` where a column
+    has fewer; and ``(..., B, w)`` bool, whether a column has more set bits than ``slots``."""
+    nw = words.shape[-3]
+    axis = words.ndim - 3
+    index = jnp.arange(nw, dtype=jnp.int32).reshape((1,) * axis + (nw, 1, 1))
+    rows = []
+    for _ in range(slots):
+        nonzero = words != 0
+        first = jnp.argmax(nonzero, axis=axis, keepdims=True).astype(jnp.int32)
+        word = jnp.max(jnp.where(index == first, words, jnp.uint32(0)), axis=axis, keepdims=True)
+        bit = jax.lax.clz(word).astype(jnp.int32)  # 32 where the column is exhausted
+        rows.append(jnp.squeeze(jnp.where(bit < 32, first * 32 + bit, h), axis))
+        top = jnp.uint32(0x80000000) >> jnp.minimum(bit, 31).astype(jnp.uint32)
+        words = jnp.where(index == first, words & ~top, words)
+    return jnp.stack(rows), jnp.any(words != 0, axis=axis)
+
+
+def _column_runs(mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The vertical runs of each column of a ``(B, h, w)`` mask: first rows ``(slots, B, w)``,
+    exclusive last rows ``(slots, B, w)`` (both ``h`` in unused slots, top to bottom) and
+    ``(B, w)`` bool, whether a column has more than ``slots`` runs."""
+    h = mask.shape[1]
+    words = _pack_columns(mask)
+    zero = jnp.zeros_like(words[:1])
+    above = (words >> 1) | (jnp.concatenate([zero, words[:-1]]) << 31)  # the pixel above
+    below = (words << 1) | (jnp.concatenate([words[1:], zero]) >> 31)
+    # a run starts where the pixel above is background and ends where the one below is
+    rows, more = _first_rows(jnp.stack([words & ~above, words & ~below]), slots, h)
+    return rows[:, 0], jnp.minimum(rows[:, 1] + 1, h), more[0]
+
+
+def _run_labels(first: jax.Array, stop: jax.Array, connectivity: int) -> jax.Array:
+    """Component labels of column runs (`_column_runs`), ``(K, B, w)`` int32: every run gets
+    the smallest flat index ``k·B·w + b·w + x`` of the runs of its component (unused slots keep
+    their own). Two runs connect only in neighbouring columns, where their row intervals
+    overlap (4-connectivity) or touch diagonally too (8). Labels by propagation on the run
+    graph: each `lax.while_loop` step takes the min over the neighbouring runs, hooks each
+    run's current label to that min (scatter-min) and jumps pointers twice, to a fixed point.
+    """
+    k, b, w = first.shape
+    used = first < stop
+    a0, a1, au = first[:, :, :-1], stop[:, :, :-1], used[:, :, :-1]
+    if connectivity == 4:
+        touch = [(a0 < stop[j][None, :, 1:]) & (first[j][None, :, 1:] < a1) for j in range(k)]
+    else:
+        touch = [(a0 <= stop[j][None, :, 1:]) & (first[j][None, :, 1:] <= a1) for j in range(k)]
+    # touch[j][i, :, x]: run i of column x and run j of column x + 1 are connected
+    touch = [t & au & used[j][None, :, 1:] for j, t in enumerate(touch)]
+    n = k * b * w
+    edge = jnp.full((k, b, 1), n, jnp.int32)
+
+    def step(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        labels, _ = state
+        from_right = jnp.full((k, b, w - 1), n, jnp.int32)
+        from_left = []
+        for j in range(k):
+            from_right = jnp.minimum(from_right, jnp.where(touch[j], labels[j][None, :, 1:], n))
+            from_left.append(jnp.min(jnp.where(touch[j], labels[:, :, :-1], n), axis=0))
+        m = jnp.minimum(
+            labels,
+            jnp.minimum(
+                jnp.concatenate([from_right, edge], 2),
+                jnp.concatenate([edge, jnp.stack(from_left)], 2),
+            ),
+        ).reshape(-1)
+        m = m.at[labels.reshape(-1)].min(m)  # hook each run's label to its neighbours' min
+        m = m[m]  # pointer jumping, twice: on the CAMs of benchmark_peers 5 steps, not 9
+        new = m[m].reshape(k, b, w)
+        return new, jnp.any(new != labels)
+
+    init = jnp.arange(n, dtype=jnp.int32).reshape(k, b, w)
+    labels, _ = jax.lax.while_loop(lambda s: s[1], step, (init, jnp.array(True)))
+    return labels
+
+
+@functools.partial(jax.jit, static_argnames=("connectivity", "slots"))
+def _boxes_runs(
+    maps: jax.Array, threshold: float | jax.Array, connectivity: int, slots: int = RUN_SLOTS
+) -> tuple[jax.Array, jax.Array]:
+    """`boxes_from_maps`' boxes by column runs, and whether they are valid: ``(B, 4)`` float32
+    and a bool scalar, False when some column of some map has more than ``slots`` runs."""
+    _, h, w = maps.shape
+    mask = maps > threshold * jnp.max(maps, axis=(1, 2), keepdims=True)
+    slots = max(1, min(slots, (h + 1) // 2))  # a column of h pixels has at most ceil(h/2) runs
+    first, stop, more = _column_runs(mask, slots)
+    used = first < stop
+    labels = _run_labels(first, stop, connectivity)
+    flat = labels.reshape(-1)
+    sizes = jax.ops.segment_sum(jnp.where(used, stop - first, 0).reshape(-1), flat, flat.size)
+    size = sizes[flat].reshape(labels.shape)  # pixels in each run's component
+    cols = jnp.arange(w, dtype=jnp.int32).reshape(1, 1, w)
+    # the first pixel (row-major) of a component is the top pixel of one of its runs
+    key = jnp.where(used, first * w + cols, h * w)
+    biggest = jnp.max(size, axis=(0, 2), keepdims=True)
+    tied = used & (size == biggest)
+    first_key = jnp.min(jnp.where(tied, key, h * w), axis=(0, 2), keepdims=True)
+    best = jnp.min(jnp.where(tied & (key == first_key), labels, flat.size), (0, 2), keepdims=True)
+    sel = used & (labels == best)
+    box = jnp.stack(
+        [
+            jnp.min(jnp.where(sel, cols, w), axis=(0, 2)),
+            jnp.min(jnp.where(sel, first, h), axis=(0, 2)),
+            jnp.max(jnp.where(sel, cols, -1), axis=(0, 2)) + 1,
+            jnp.max(jnp.where(sel, stop, 0), axis=(0, 2)),
+        ],
+        axis=-1,
+    ).astype(jnp.float32)
+    whole = jnp.array([[0.0, 0.0, w, h]], jnp.float32)
+    box = jnp.where(biggest[0] > 0, box, whole)
+    return box, ~jnp.any(more)
+
+
+@functools.partial(jax.jit, static_argnames="connectivity")
+def _boxes(maps: jax.Array, threshold: float | jax.Array, connectivity: int) -> jax.Array:
+    """`boxes_from_maps` in map pixels: column runs, or per-pixel propagation for a batch with
+    a column of more than `RUN_SLOTS` runs (jitted: one compilation per shape, also eagerly)."""
+    boxes, fits = _boxes_runs(maps, threshold, connectivity)
+    if (maps.shape[1] + 1) // 2 <= RUN_SLOTS:  # no column can have more runs than slots
+        return boxes
+    box_one = functools.partial(_box_one, connectivity=connectivity)
+    return jax.lax.cond(
+        fits,
+        lambda m, t, fast: fast,
+        lambda m, t, fast: jax.vmap(box_one, in_axes=(0, None))(m, t),
+        maps,
+        threshold,
+        boxes,
+    )
+
+
 def boxes_from_maps(
     maps: jax.Array,
     threshold: float | jax.Array = 0.2,
@@ -156,10 +325,10 @@ def boxes_from_maps(
 ) -> jax.Array:
     """Box of the largest connected region above ``threshold · max`` of each map (paper 003).
 
-    Jittable and batched (`vmap` of a `lax.while_loop` label propagation); see the module
-    docstring for the algorithm and the tie rule (equal sizes: the component whose first pixel
-    comes first in row-major order). The same boxes as ``map_boxes(m, [threshold · max m],
-    rule="largest", connectivity=connectivity)`` for every map with a foreground pixel.
+    Jittable and batched; see the module docstring for the algorithm (column runs, with the
+    per-pixel propagation as the fallback) and the tie rule (equal sizes: the component whose
+    first pixel comes first in row-major order). The same boxes as ``map_boxes(m, [threshold ·
+    max m], rule="largest", connectivity=connectivity)`` for every map with a foreground pixel.
 
     Args:
       maps: ``(B, h, w)`` real maps (CAM, sensitivity, ...), any sign.
@@ -175,8 +344,7 @@ def boxes_from_maps(
     """
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, h, w), got shape {maps.shape}")
-    box_one = functools.partial(_box_one, connectivity=_check_connectivity(connectivity))
-    boxes = jax.vmap(box_one, in_axes=(0, None))(maps, threshold)
+    boxes = _boxes(maps, threshold, _check_connectivity(connectivity))
     if image_hw is not None:
         boxes = scale_boxes(boxes, maps.shape[1:], image_hw)
     return boxes
