@@ -217,8 +217,11 @@ def _column_runs(mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array, jax
     return rows[:, 0], jnp.minimum(rows[:, 1] + 1, h), more[0]
 
 
-def _run_labels(first: jax.Array, stop: jax.Array, connectivity: int) -> jax.Array:
-    """Component labels of column runs (`_column_runs`), ``(K, B, w)`` int32: every run gets
+def _run_labels(
+    first: jax.Array, stop: jax.Array, connectivity: int
+) -> tuple[jax.Array, jax.Array]:
+    """Component labels of column runs (`_column_runs`), ``(K, B, w)`` int32, and the number of
+    label steps taken (an int32 scalar, for the benchmark): every run gets
     the smallest flat index ``k·B·w + b·w + x`` of the runs of its component (unused slots keep
     their own). Two runs connect only in neighbouring columns, where their row intervals
     overlap (4-connectivity) or touch diagonally too (8). Labels by propagation on the run
@@ -237,8 +240,10 @@ def _run_labels(first: jax.Array, stop: jax.Array, connectivity: int) -> jax.Arr
     n = k * b * w
     edge = jnp.full((k, b, 1), n, jnp.int32)
 
-    def step(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        labels, _ = state
+    def step(
+        state: tuple[jax.Array, jax.Array, jax.Array],
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        labels, _, steps = state
         from_right = jnp.full((k, b, w - 1), n, jnp.int32)
         from_left = []
         for j in range(k):
@@ -254,11 +259,12 @@ def _run_labels(first: jax.Array, stop: jax.Array, connectivity: int) -> jax.Arr
         m = m.at[labels.reshape(-1)].min(m)  # hook each run's label to its neighbours' min
         m = m[m]  # pointer jumping, twice: on the CAMs of benchmark_peers 5 steps, not 9
         new = m[m].reshape(k, b, w)
-        return new, jnp.any(new != labels)
+        return new, jnp.any(new != labels), steps + 1
 
     init = jnp.arange(n, dtype=jnp.int32).reshape(k, b, w)
-    labels, _ = jax.lax.while_loop(lambda s: s[1], step, (init, jnp.array(True)))
-    return labels
+    state = (init, jnp.array(True), jnp.array(0, jnp.int32))
+    labels, _, steps = jax.lax.while_loop(lambda s: s[1], step, state)
+    return labels, steps
 
 
 @functools.partial(jax.jit, static_argnames=("connectivity", "slots"))
@@ -272,7 +278,7 @@ def _boxes_runs(
     slots = max(1, min(slots, (h + 1) // 2))  # a column of h pixels has at most ceil(h/2) runs
     first, stop, more = _column_runs(mask, slots)
     used = first < stop
-    labels = _run_labels(first, stop, connectivity)
+    labels, _ = _run_labels(first, stop, connectivity)
     flat = labels.reshape(-1)
     sizes = jax.ops.segment_sum(jnp.where(used, stop - first, 0).reshape(-1), flat, flat.size)
     size = sizes[flat].reshape(labels.shape)  # pixels in each run's component
