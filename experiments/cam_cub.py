@@ -82,6 +82,16 @@ over the training classes) fine-tuned on the CUB train split, its CAM from its o
   the map spread: ``*_box_area_ratio_median`` (predicted / true box area), ``*_box_too_small``
   (< 0.5), ``*_box_too_large`` (> 2), ``*_maxboxacc_v2``, ``*_train_acc_final``.
 
+Measured (2026-12-02, 2-core CPU at load ~20, ``paper_finetuned_disjoint``, whose
+``finetuned_gap_*`` keys are the ``paper_finetuned`` run; results/cam_cub_finetuned.metrics.json):
+maps 266 s + the all-class block 861 s (fine-tuning 185 s); box acc. @IoU0.5 26.2 % (paper's
+20 %; 28.4 % at the train-chosen 0.35; released rule 24.2 %; true-class CAM 32.2 %; MaxBoxAccV2
+41.2 %); classification full / CAM crop / GT box 39.0 / 39.4 / 43.4 %. Below the frozen rows:
+the stage5 cut drops Lite0's semantic layers (a linear SVM on the frozen stage5 GAP at 224 gets
+31.9 %, against 83.0 % on stage5 + pre_pool at 448), the new head overfits 750 images (94 %
+train accuracy) and its maps are spread (median predicted / true box area 2.8; 70 % of the
+boxes more than twice the true one).
+
 Class-disjoint check (``class_disjoint = True``; presets ``class_disjoint``,
 ``paper_finetuned_disjoint``; issue 18): every design choice is fixed on CUB classes 1-12
 (``disjoint.design_classes``, using their train and test splits) and the same configuration is
