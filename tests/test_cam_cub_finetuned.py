@@ -128,7 +128,8 @@ def test_paper_finetuned_smoke(shared_data, tmp_path):
     for key in (*_KEYS, "cls_acc_cam_crop_svm", "cls_acc_full_svm"):
         assert 0.0 <= m[f"finetuned_gap_{key}"] <= 1.0, key
         assert 0.0 <= m[f"disjoint.finetuned_gap_{key}"] <= 1.0, key
-        assert 0.0 <= m[f"disjoint.full_run.finetuned_gap_{key}"] <= 1.0, key
+        if key != "maxboxacc_v2":  # the restriction is of per-image results
+            assert 0.0 <= m[f"disjoint.full_run.finetuned_gap_{key}"] <= 1.0, key
     assert m["finetuned_gap_n_images"] == 24 and m["finetuned_gap_map_resolution"] == 6
     assert m["finetuned_gap_threshold"] == 0.2  # the paper's rule, not tuned
     assert m["disjoint.design_threshold"] in (0.1, 0.2, 0.3)
