@@ -6,7 +6,11 @@ layers of `fgloc.models.gap.GAPNet`. `finetune` trains the new layers (and optio
 parameters named by prefixes) with optax on a grain pipeline over in-memory arrays,
 data-parallel over all local devices, with resumable orbax checkpoints (`fgloc.train`). With the
 backbone frozen it can train on cached cut features (`cut_features`), which costs one backbone
-pass per image instead of one per step.
+pass per image instead of one per step; with ``start_at`` it trains the backbone layers after a
+cached intermediate (e.g. VGG16's ``conv5_*`` from cached ``pool4`` maps) plus the new layers
+(`apply_from` runs that part). Augmentation: random horizontal flips (of the input array, or
+exact ones from cached maps of the mirrored images, ``mirrored``) and random crops of the input
+(``crop`` pixels or map cells fewer per side), both with grain's per-example random streams.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from fgloc.models.gap import GAPNet
 from fgloc.pretrained import pretrained
 from fgloc.train import checkpoints, trainer
 
-__all__ = ["GAPVariant", "cut_features", "finetune", "gap_variant"]
+__all__ = ["GAPVariant", "apply_from", "cut_features", "finetune", "gap_variant", "late_params"]
 
 
 class GAPVariant(NamedTuple):
@@ -95,6 +99,50 @@ def cut_features(
     return np.concatenate(out, axis=0)
 
 
+def apply_from(
+    model: GAPNet, variables: Mapping[str, Any], x: jax.Array, start_at: str | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GAP variant from a backbone intermediate: ``(logits, {pre_pool, pooled, logits})``.
+
+    ``start_at``: ``None`` — ``x`` is preprocessed images ``(B, H, W, 3)``; ``model.cut`` —
+    ``x`` is the cut map (the new layers only, `GAPNet.from_cut`); another backbone layer —
+    ``x`` is that layer's output and the backbone runs from there to the cut (its
+    ``features(..., start_at=...)``, inference mode) before the new layers.
+    """
+
+    def fn(module: GAPNet, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if start_at is None:
+            h, _ = module.cut_map(x)
+        elif start_at == module.cut:
+            h = x
+        else:
+            _, inter = module.backbone.features(  # pyright: ignore[reportAttributeAccessIssue]
+                x, train=False, stop_at=module.cut, start_at=start_at
+            )
+            h = inter[module.cut]
+        return module.from_cut(h)
+
+    return model.apply(variables, x, method=fn)  # pyright: ignore[reportReturnType]
+
+
+def late_params(
+    model: GAPNet, variables: Mapping[str, Any], start_at: str, map_shape: Sequence[int]
+) -> set[tuple[str, ...]]:
+    """Flattened paths (``("backbone", layer, ...)``) of the backbone parameters that the layers
+    after ``start_at`` up to the cut use, for a ``start_at`` map of shape ``map_shape``
+    (``(1, h, w, C)``); empty when ``start_at`` is the cut. Read from an abstract ``init`` of
+    that part (`fgloc.train.keypoints.late_backbone_params`), so the set is exact."""
+    from fgloc.train.keypoints import late_backbone_params
+
+    if start_at == model.cut:
+        return set()
+    backbone_vars = {k: v["backbone"] for k, v in variables.items() if "backbone" in v}
+    late, _ = late_backbone_params(
+        model.backbone, backbone_vars, start_at, model.cut, tuple(map_shape)
+    )
+    return {("backbone", *k) for k in traverse_util.flatten_dict(late)}
+
+
 def _split(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
     flat = traverse_util.flatten_dict(params)
     a = {k: v for k, v in flat.items() if trainable(k)}
@@ -107,10 +155,21 @@ def _merge(a: Any, b: Any) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def _hflip(example: dict, rng: np.random.Generator) -> dict:
-    if rng.random() < 0.5:
-        example = {**example, "input": example["input"][:, ::-1]}
-    return example
+def _augment(flip: bool, mirrored: bool, crop: int) -> Callable[[dict, np.random.Generator], dict]:
+    """Per-example augmentation: a horizontal flip with probability 1/2 (the cached mirror
+    ``example["mirror"]`` when `mirrored`, else the input flipped), then a random
+    ``(H - crop) x (W - crop)`` window (offsets uniform in ``0..crop``)."""
+
+    def fn(example: dict, rng: np.random.Generator) -> dict:
+        x = example["input"]
+        if flip and rng.random() < 0.5:
+            x = example["mirror"] if mirrored else x[:, ::-1]
+        if crop:
+            i, j = (int(v) for v in rng.integers(0, crop + 1, 2))
+            x = x[i : i + x.shape[0] - crop, j : j + x.shape[1] - crop]
+        return {"input": np.ascontiguousarray(x), "label": example["label"]}
+
+    return fn
 
 
 def finetune(
@@ -120,6 +179,7 @@ def finetune(
     labels: np.ndarray,
     *,
     on_cut_features: bool = False,
+    start_at: str | None = None,
     train_backbone: Sequence[str] = (),
     steps: int = 200,
     batch_size: int = 32,
@@ -127,6 +187,8 @@ def finetune(
     weight_decay: float = 1e-4,
     label_smoothing: float = 0.0,
     flip: bool = True,
+    mirrored: np.ndarray | None = None,
+    crop: int = 0,
     seed: int = 0,
     workdir: str | pathlib.Path | None = None,
     num_devices: int | None = None,
@@ -136,9 +198,10 @@ def finetune(
     """Fine-tunes a GAP variant with softmax cross-entropy (paper 003, Sec. 3.1).
 
     Trains ``cam_conv`` and ``classifier`` plus every backbone parameter whose top-level name
-    starts with one of `train_backbone` (e.g. ``("conv5_",)`` for VGG16's last block); the rest
+    starts with one of `train_backbone` (e.g. ``("conv5_",)`` for VGG16's last block), or with
+    `start_at` every backbone parameter of the layers after `start_at` (`late_params`); the rest
     is frozen, BatchNorm statistics included. AdamW with a cosine decay and 5% warm-up, random
-    horizontal flips (grain), data-parallel `jit` over `num_devices` local devices (default
+    horizontal flips and crops (grain), data-parallel `jit` over `num_devices` local devices (default
     all), and orbax checkpoints in ``workdir/checkpoints`` every `checkpoint_every` steps and at
     the end (training resumes from them, data position included, so a resumed run ends where the
     uninterrupted run does).
@@ -146,8 +209,16 @@ def finetune(
     Args:
       model, variables: from `gap_variant`.
       inputs: ``(N, H, W, 3)`` preprocessed images, or with ``on_cut_features`` the cut maps
-        ``(N, h, w, C)`` of `cut_features` (then `train_backbone` must be empty).
+        ``(N, h, w, C)`` of `cut_features`, or with `start_at` the backbone's ``start_at`` maps
+        (then `train_backbone` must be empty).
       labels: ``(N,)`` int class ids in ``[0, num_classes)``.
+      start_at: a backbone layer whose output `inputs` are (`apply_from`); the cut name is the
+        same as ``on_cut_features``.
+      flip, mirrored: random horizontal flips; `mirrored` ``(N, ...)`` like `inputs` holds the
+        inputs of the mirrored images (cached maps of flipped photos), used instead of flipping
+        `inputs` (a flipped map is not the map of the flipped photo).
+      crop: random crops ``crop`` pixels / cells smaller than the input in each dimension
+        (0: none); the network is fully convolutional up to the GAP, so test inputs stay whole.
       steps, batch_size: optimisation length; ``batch_size`` must divide over the devices.
     Returns:
       ``(variables, history)``: the updated variables and per-step ``loss`` / ``accuracy``.
@@ -165,10 +236,27 @@ def finetune(
         )
     if on_cut_features and train_backbone:
         raise ValueError("train_backbone needs image inputs, not on_cut_features")
+    if on_cut_features:
+        start_at = model.cut
+    if start_at is not None and train_backbone:
+        raise ValueError("train_backbone needs image inputs, not start_at maps")
+    if mirrored is not None:
+        mirrored = np.asarray(mirrored, np.float32)
+        if mirrored.shape != inputs.shape:
+            raise ValueError(f"mirrored has shape {mirrored.shape}, inputs {inputs.shape}")
+    if not 0 <= crop < min(inputs.shape[1:3]):
+        raise ValueError(f"crop must be in [0, {min(inputs.shape[1:3])}), got {crop}")
     prefixes = tuple(train_backbone)
+    late = (
+        late_params(model, variables, start_at, (1, *inputs.shape[1:]))
+        if start_at is not None
+        else set()
+    )
 
     def trainable(path: tuple[str, ...]) -> bool:
         if path[0] != "backbone":
+            return True
+        if path in late:
             return True
         return bool(prefixes) and len(path) > 1 and path[1].startswith(prefixes)
 
@@ -178,10 +266,7 @@ def finetune(
     def loss_fn(params, frozen, batch, rng):
         del rng
         full = {**frozen, "params": _merge(params, frozen["params"])}
-        if on_cut_features:
-            logits, _ = model.apply(full, batch["input"], method=model.from_cut)
-        else:
-            logits, _ = model.apply(full, batch["input"])
+        logits, _ = apply_from(model, full, batch["input"], start_at)
         onehot = optax.smooth_labels(
             jax.nn.one_hot(batch["label"], model.num_classes), label_smoothing
         )
@@ -196,11 +281,14 @@ def finetune(
     mesh = trainer.data_mesh(num_devices)
     state = trainer.create_train_state(params, tx, frozen)
     step = trainer.make_train_step(loss_fn, tx, mesh)
+    arrays = {"input": inputs, "label": labels}
+    if flip and mirrored is not None:
+        arrays["mirror"] = mirrored
     batches = trainer.array_batches(
-        {"input": inputs, "label": labels},
+        arrays,
         batch_size,
         seed=seed,
-        transform=_hflip if flip else None,
+        transform=_augment(flip, mirrored is not None, crop) if flip or crop else None,
     )
     ckpt = (
         None if workdir is None else checkpoints.Checkpointer(pathlib.Path(workdir) / "checkpoints")
