@@ -58,6 +58,16 @@ Cost (2026-11-23c, with one other job on the 2 cores): an AlexNet all-channel gr
 training image (256 VJPs at 227, GMM + MaxG + centre of mass on device) ~13 s; a Lite0 stage-6
 gradient image (192 channels) ~17 s; activation centres are a forward pass.
 
+Class-disjoint check (issue 18; preset ``class_disjoint``, ``disjoint.*`` keys, see
+`_run_disjoint`; measured 2026-12-02 over the default run's centre caches, 3,549 s on the
+2-core CPU at load ~20, most of it the three CV sweeps and the Table 2 features): the sweep on
+classes 1–12's 360 training images picks the headline's default (Lite0 activation, centre of
+mass, ridge). Fitted on classes 13–25's 390 training images with the design's per-part ridge
+strengths, on their 353 test images: 0.078 with box / 0.121 full image (headline detector on
+the same images 0.076 / 0.110; headline configuration fitted on the 390 images 0.076 / 0.116);
+mean-position baseline 0.163, box centre 0.259. Table 2 there (200 / 200 images, 13 classes):
+global 82.5% (full) / 91.0% (box); + estimated parts 92.5% / 94.0%; + GT parts 92.5%.
+
 ``metrics.json`` is flat (``experiments.common.write_metrics``); ``<cand>`` is a key of
 ``config.candidates``: ``per_part.<part>``, ``channel.<part>``, ``configs.<name>.<metric>``,
 ``candidates.<cand>`` (its ``backbone:layer:input_size:map_type``), ``train_cv.<cand>...``,
