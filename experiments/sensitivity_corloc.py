@@ -70,6 +70,19 @@ fgloc: the same CorLocs and λ, 2,595 s). ImageNet (preset ``imagenet``), 50 ima
 64 %, 839 s. With 40
 training boxes per fold the linear map cannot be learned (it regresses to mid-size boxes);
 the paper fitted it on 225,687 images. The paper's Table 1 values are not in our text copy.
+
+Class-disjoint check (issue 18, preset ``class_disjoint``, ``disjoint.*`` keys of
+`evaluate_disjoint`; measured 2026-12-02, the default run's map cache, 1,328 s on the loaded
+2-core CPU, almost all of it the three CV searches)::
+
+    python -m experiments.sensitivity_corloc \
+        --config experiments/configs/sensitivity_corloc.py:class_disjoint --workdir W
+
+Designed on classes 1–12's 360 training images, the search picks the headline's settings
+(8×8, ``max``, α = 0.316, t = 0.1). On classes 13–25's 353 test images, fitted on their 390
+training images: learned 69.4 %, centre box 54.4 %, threshold box 49.0 % CorLoc; the headline
+(designed and fitted on all 750) on the same images 71.1 / 54.7 / 49.0 %; on classes 1–12's own
+test images (fitted on their training images) 71.6 / 58.5 / 50.2 %.
 """
 
 from __future__ import annotations
@@ -87,7 +100,7 @@ from tqdm import tqdm
 
 from experiments import common
 
-__all__ = ["BIRD_CLASSES", "check_config", "run"]
+__all__ = ["BIRD_CLASSES", "check_config", "class_disjoint_split", "evaluate_disjoint", "run"]
 
 # ImageNet-1k classes that are birds (sorted-synset indices): 7 cock … 24 great grey owl,
 # 80 black grouse … 100 black swan, 127 white stork … 146 albatross.
@@ -109,6 +122,8 @@ def check_config(config: Any) -> None:
             f"config.chunk_size {config.chunk_size} must be a multiple of "
             f"config.batch_size {config.batch_size}"
         )
+    if config.class_disjoint and config.dataset == "imagenet":
+        raise ValueError("config.class_disjoint needs CUB classes; config.dataset is 'imagenet'")
     if config.threshold_box.connectivity not in (4, 8):
         raise ValueError(
             f"config.threshold_box.connectivity must be 4 or 8, got "
@@ -122,7 +137,8 @@ def check_config(config: Any) -> None:
 class Records(NamedTuple):
     """Images of one dataset: ``paths`` ``(N,)``, ``sizes`` ``(N, 2)`` ``(H, W)``, ``boxes``
     N arrays ``(k_i, 4)`` image pixels, ``labels`` ``(N,)`` (ImageNet class or -1),
-    ``is_train`` ``(N,)`` bool or ``None`` (k-fold evaluation)."""
+    ``is_train`` ``(N,)`` bool or ``None`` (k-fold evaluation), ``classes`` ``(N,)`` the CUB
+    class ids (1-based, as ``classes.txt``; ``None`` for ImageNet)."""
 
     name: str
     paths: np.ndarray
@@ -130,6 +146,7 @@ class Records(NamedTuple):
     boxes: list[np.ndarray]
     labels: np.ndarray
     is_train: np.ndarray | None
+    classes: np.ndarray | None = None
 
 
 def image_order(is_train: np.ndarray | None, n: int, seed: int) -> np.ndarray:
@@ -163,6 +180,7 @@ def cub_records(root: pathlib.Path, max_images: int = 0, seed: int = 0) -> Recor
         [b[None].astype(np.float64) for b in ann.boxes],
         np.full(len(ann), -1, np.int64),
         np.asarray(ann.is_train, bool),
+        np.asarray(ann.labels, np.int64) + 1,
     )
 
 
@@ -331,6 +349,99 @@ def threshold_boxes(
     return boxes_in_image(pooled, sizes, threshold, connectivity=connectivity)
 
 
+def choose_settings(
+    maps: np.ndarray, records: Records, train: np.ndarray, config: Any
+) -> dict[str, Any]:
+    """The design choices, made on the ``train`` images alone: feature grid, norm and λ of the
+    linear map by k-fold CV (`fgloc.localize.box_regression.search_features`), and the
+    threshold box's fraction ``t`` (best training CorLoc over ``config.threshold_box``).
+
+    Returns ``pool_size``, ``norm``, ``lam`` (λ on these images' features), ``alpha`` (the
+    same λ unit-free, `fgloc.localize.box_regression.lambda_grid` units: what transfers to
+    other training images), ``threshold_value`` and ``cv_score``.
+    """
+    from fgloc import metrics
+    from fgloc.localize import box_regression as br
+
+    sizes = records.sizes
+    train_boxes = np.stack([largest_box(records.boxes[i]) for i in train])
+    targets = br.boxes_to_targets(train_boxes, sizes[train])
+    search = br.search_features(
+        maps[train],
+        targets,
+        pool_sizes=tuple(config.regression.pool_sizes),
+        norms=tuple(config.regression.norms),
+        alphas=tuple(config.regression.alphas),
+        n_folds=min(int(config.regression.cv_folds), len(train)),
+        seed=int(config.seed),
+        scorer=config.regression.cv_score,
+    )
+    feats = br.map_features(maps[train], search.pool_size, search.norm)
+    alpha = search.lam / float(br.lambda_grid(feats, [1.0])[0])  # λ in `alphas` units
+    side = int(config.threshold_box.map_size)
+    conn = int(config.threshold_box.connectivity)
+    grid = tuple(config.threshold_box.thresholds)
+    sweep = threshold_boxes(maps[train], sizes[train], grid, side, conn)
+    train_gt = [records.boxes[i] for i in train]
+    train_hits = (metrics.best_iou(sweep, train_gt) >= 0.5).mean(axis=0)  # CorLoc per t
+    return {
+        "pool_size": search.pool_size,
+        "norm": search.norm,
+        "lam": search.lam,
+        "alpha": alpha,
+        "threshold_value": float(grid[int(np.argmax(train_hits))]),
+        "cv_score": search.score,
+    }
+
+
+def predict_with(
+    settings: dict[str, Any],
+    maps: np.ndarray,
+    records: Records,
+    train: np.ndarray,
+    test: np.ndarray,
+    config: Any,
+    *,
+    transfer: bool = False,
+) -> dict[str, Any]:
+    """Fits the linear map on ``train`` with fixed ``settings`` (`choose_settings`) and boxes
+    the ``test`` images: learned, threshold (``t`` of the settings), ``t = 0.2`` and centre box.
+
+    ``transfer``: the settings were chosen on other images, so λ is set from their unit-free
+    ``alpha`` on these training features (else their ``lam`` is used as it is).
+    """
+    from fgloc import metrics
+    from fgloc.localize import box_regression as br
+
+    sizes = records.sizes
+    train_boxes = np.stack([largest_box(records.boxes[i]) for i in train])
+    lam = float(settings["lam"])
+    if transfer:
+        feats = br.map_features(maps[train], settings["pool_size"], settings["norm"])
+        lam = float(br.lambda_grid(feats, [float(settings["alpha"])])[0])
+    reg = br.fit_box_regressor(
+        maps[train],
+        train_boxes,
+        sizes[train],
+        pool_size=settings["pool_size"],
+        norm=settings["norm"],
+        lam=lam,
+    )
+    side = int(config.threshold_box.map_size)
+    conn = int(config.threshold_box.connectivity)
+    t = float(settings["threshold_value"])
+    learned_train = br.predict_boxes(reg, maps[train], sizes[train])
+    return {
+        "learned": br.predict_boxes(reg, maps[test], sizes[test]),
+        "threshold": threshold_boxes(maps[test], sizes[test], t, side, conn),
+        "threshold_t20": threshold_boxes(maps[test], sizes[test], 0.2, side, conn),
+        "center": metrics.center_box_baseline(train_boxes, sizes[train], sizes[test]),
+        **settings,
+        "lam": lam,
+        "corloc_train": metrics.corloc(learned_train, [records.boxes[i] for i in train]),
+    }
+
+
 def fit_and_predict(
     maps: np.ndarray,
     records: Records,
@@ -338,56 +449,10 @@ def fit_and_predict(
     test: np.ndarray,
     config: Any,
 ) -> dict[str, Any]:
-    """Fits on ``train`` indices, predicts ``test``: learned, threshold and centre boxes."""
-    from fgloc import metrics
-    from fgloc.localize import box_regression as br
-
-    sizes = records.sizes
-    train_boxes = np.stack([largest_box(records.boxes[i]) for i in train])
-    train_gt = [records.boxes[i] for i in train]
-    targets = br.boxes_to_targets(train_boxes, sizes[train])
-    n_folds = min(int(config.regression.cv_folds), len(train))
-    search = br.search_features(
-        maps[train],
-        targets,
-        pool_sizes=tuple(config.regression.pool_sizes),
-        norms=tuple(config.regression.norms),
-        alphas=tuple(config.regression.alphas),
-        n_folds=n_folds,
-        seed=int(config.seed),
-        scorer=config.regression.cv_score,
-    )
-    reg = br.fit_box_regressor(
-        maps[train],
-        train_boxes,
-        sizes[train],
-        pool_size=search.pool_size,
-        norm=search.norm,
-        lam=search.lam,
-    )
-    feats = br.map_features(maps[train], search.pool_size, search.norm)
-    alpha = search.lam / float(br.lambda_grid(feats, [1.0])[0])  # λ in `alphas` units
-    learned = br.predict_boxes(reg, maps[test], sizes[test])
-    learned_train = br.predict_boxes(reg, maps[train], sizes[train])
-    side = int(config.threshold_box.map_size)
-    conn = int(config.threshold_box.connectivity)
-    grid = tuple(config.threshold_box.thresholds)
-    sweep = threshold_boxes(maps[train], sizes[train], grid, side, conn)
-    train_hits = (metrics.best_iou(sweep, train_gt) >= 0.5).mean(axis=0)  # CorLoc per t
-    best_t = float(config.threshold_box.thresholds[int(np.argmax(train_hits))])
-    return {
-        "learned": learned,
-        "threshold": threshold_boxes(maps[test], sizes[test], best_t, side, conn),
-        "threshold_t20": threshold_boxes(maps[test], sizes[test], 0.2, side, conn),
-        "center": metrics.center_box_baseline(train_boxes, sizes[train], sizes[test]),
-        "threshold_value": best_t,
-        "pool_size": search.pool_size,
-        "norm": search.norm,
-        "lam": search.lam,
-        "alpha": alpha,
-        "cv_score": search.score,
-        "corloc_train": metrics.corloc(learned_train, train_gt),
-    }
+    """Fits on ``train`` indices, predicts ``test``: learned, threshold and centre boxes (the
+    settings chosen on ``train`` too)."""
+    return predict_with(choose_settings(maps, records, train, config), maps, records, train,
+                        test, config)  # fmt: skip
 
 
 def evaluate(
@@ -441,6 +506,98 @@ def evaluate(
     return m, {**boxes, "test": test_all}
 
 
+# ----------------------------------------------------------------------- class-disjoint
+
+
+def class_disjoint_split(records: Records) -> dict[str, np.ndarray]:
+    """Issue 18's protocol on CUB records: indices ``design_train`` / ``design_test`` (classes
+    `fgloc.data.cub.DESIGN_CLASSES`), ``score_train`` / ``score_test`` (``SCORE_CLASSES``) and
+    ``all_train`` (every training image, the headline's fit). Raises if the records carry no
+    CUB classes or train/test split, or a class set is empty."""
+    from fgloc.data.cub import DESIGN_CLASSES, SCORE_CLASSES
+
+    if records.classes is None or records.is_train is None:
+        raise ValueError(f"class_disjoint needs CUB records (classes and a split); {records.name} "
+                         "has none")  # fmt: skip
+    design = np.isin(records.classes, DESIGN_CLASSES)
+    score = np.isin(records.classes, SCORE_CLASSES)
+    train = np.asarray(records.is_train, bool)
+    split = {
+        "design_train": np.flatnonzero(design & train),
+        "design_test": np.flatnonzero(design & ~train),
+        "score_train": np.flatnonzero(score & train),
+        "score_test": np.flatnonzero(score & ~train),
+        "all_train": np.flatnonzero(train),
+    }
+    for key, ix in split.items():
+        if not len(ix):
+            raise ValueError(f"class_disjoint: no {key} images among the {len(train)} records")
+    return split
+
+
+def _box_scores(boxes: dict[str, Any], gt: list[np.ndarray]) -> dict[str, float]:
+    """CorLoc and mean IoU of the four box rules of `predict_with` against ``gt``."""
+    from fgloc import metrics
+
+    out = {}
+    for key, name in (
+        ("corloc", "learned"),
+        ("corloc_threshold_box", "threshold"),
+        ("corloc_threshold_box_t20", "threshold_t20"),
+        ("corloc_center_baseline", "center"),
+    ):
+        out[key] = metrics.corloc(boxes[name], gt)
+        out["mean_iou" + key.removeprefix("corloc")] = float(
+            np.mean(metrics.best_iou(boxes[name], gt))
+        )
+    return out
+
+
+def evaluate_disjoint(
+    records: Records, out: dict[str, np.ndarray], config: Any
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The class-disjoint check (issue 18) over the maps of *all* records (one cache).
+
+    Arms (metric prefixes):
+
+    * ``disjoint.`` — every design choice (`choose_settings`: pooling, norm, λ, threshold)
+      made on the training images of classes 1–12, the linear map fitted on the training
+      images of classes 13–25 (λ transferred unit-free), scored on their test images;
+    * ``disjoint.design_test.`` — the same settings fitted on classes 1–12's training images
+      and scored on their test images (the classes the design saw);
+    * ``disjoint.full.`` — the headline (settings chosen and map fitted on all training
+      images, classes 1–25) scored on the test images of classes 13–25 only;
+    * ``disjoint.full_design.`` — the headline's settings, fitted on classes 13–25's training
+      images only (the same data as ``disjoint.``: only the design differs).
+
+    Returns the metrics and the split (`class_disjoint_split`). ``choose_settings`` sees only
+    ``design_train`` and ``all_train`` images.
+    """
+    maps = out["maps"]
+    split = class_disjoint_split(records)
+    design = choose_settings(maps, records, split["design_train"], config)
+    full = choose_settings(maps, records, split["all_train"], config)
+    arms = {
+        "disjoint.": (design, "score_train", "score_test", True),
+        "disjoint.design_test.": (design, "design_train", "design_test", False),
+        "disjoint.full.": (full, "all_train", "score_test", False),
+        "disjoint.full_design.": (full, "score_train", "score_test", True),
+    }
+    m: dict[str, Any] = {}
+    for prefix, (settings, fit, test, transfer) in arms.items():
+        tr, te = split[fit], split[test]
+        res = predict_with(settings, maps, records, tr, te, config, transfer=transfer)
+        m.update(
+            {prefix + k: v for k, v in _box_scores(res, [records.boxes[i] for i in te]).items()}
+        )
+        m[prefix + "n_train"], m[prefix + "n_images"] = len(tr), len(te)
+        for k in ("pool_size", "norm", "lam", "alpha", "threshold_value", "corloc_train"):
+            m[prefix + ("threshold" if k == "threshold_value" else k)] = res[k]
+    m["disjoint.design_cv_mean_iou"] = design["cv_score"]
+    m["disjoint.n_design_train"] = len(split["design_train"])
+    return m, split
+
+
 # ----------------------------------------------------------------------------- figure
 
 
@@ -483,6 +640,15 @@ def save_figure(
     plt.close(fig)
 
 
+def _write_split(path: pathlib.Path, records: Records, split: dict[str, np.ndarray]) -> None:
+    """The images (path, CUB class id) of each part of the class-disjoint split, for checks."""
+    assert records.classes is not None
+    rows = {k: [[str(records.paths[i]), int(records.classes[i])] for i in ix]
+            for k, ix in split.items()}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows) + "\n")
+
+
 def _rect(cls: Any, box: np.ndarray, color: str, style: str = "-") -> Any:
     x0, y0, x1, y1 = (float(v) for v in box)
     return cls((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5, ls=style)
@@ -507,6 +673,10 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         records = reader(root, int(config.max_images), int(config.seed))
         out = compute_maps(records, net, config, workdir / "cache")
         m, boxes = evaluate(records, out, config)
+        if config.class_disjoint and name == "cub":
+            dm, split = evaluate_disjoint(records, out, config)
+            m.update(dm)
+            _write_split(workdir / f"disjoint_split_{name}.json", records, split)
         save_figure(
             workdir / f"examples_{name}.png",
             records,

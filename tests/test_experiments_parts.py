@@ -169,3 +169,94 @@ def test_smoke_run_on_real_cub(cub_dir, tmp_path, monkeypatch):
     again = common.main(E.run, argv)
     for key in ("norm_part_error_bbox", "norm_part_error_full", "cls_acc_est_parts_bbox"):
         assert again[key] == metrics[key], key
+
+
+@pytest.mark.real_data
+def test_smoke_disjoint_run_keeps_design_and_score_classes_apart(cub_dir, tmp_path, monkeypatch):
+    """Issue 18 on paper 1, 64 px: the design sweep sees only classes 1-12's training images,
+    fitting and scoring only classes 13-25's; every ``disjoint.*`` key in range."""
+    from fgloc.data.cub import DESIGN_CLASSES, SCORE_CLASSES, read_cub
+
+    ann = read_cub(cub_dir)
+    sweeps: list[np.ndarray] = []
+    sweep = E._sweep
+
+    def spy(config, d, cands, pool, *args, **kwargs):
+        sweeps.append(np.asarray(pool))
+        return sweep(config, d, cands, pool, *args, **kwargs)
+
+    monkeypatch.setattr(E, "_sweep", spy)
+    argv = ["--config", f"{CONFIG}:smoke_disjoint", "--workdir", str(tmp_path)]
+    saved = common.main(E.run, [*argv, "--data_dir", str(cub_dir.parent)])
+    # The design sweep (classes 1-12, train) and the headline's (all training images).
+    assert len(sweeps) == 2
+    assert set(ann.labels[sweeps[0]] + 1) == set(DESIGN_CLASSES) and ann.is_train[sweeps[0]].all()
+    np.testing.assert_array_equal(np.sort(sweeps[1]), np.flatnonzero(ann.is_train))
+    split = json.loads((tmp_path / "disjoint_split.json").read_text())
+    for step, classes, train in (
+        ("design", DESIGN_CLASSES, True),
+        ("score_fit", SCORE_CLASSES, True),
+        ("score_test", SCORE_CLASSES, False),
+    ):
+        assert split[step], step
+        for i, c, is_train in split[step]:
+            assert c in classes and is_train == train and ann.labels[i] + 1 == c, (step, i)
+        assert saved[f"disjoint.n_images.{step}"] == len(split[step])
+    assert saved["disjoint.design_classes"] == "1-12" and saved["disjoint.score_classes"] == "13-25"
+    for prefix in ("disjoint.", "disjoint.design_test.", "disjoint.full.", "disjoint.full_design."):
+        for key in ("norm_part_error_bbox", "norm_part_error_full"):
+            assert 0.0 < saved[prefix + key] < 1.0, prefix + key
+        if prefix != "disjoint.full_design.":  # its test images are disjoint.'s
+            assert 0.0 < saved[prefix + "baseline.box_centre"] < 1.0, prefix
+    for key in ("cls_acc_global_only", "cls_acc_est_parts_bbox", "cls_acc_gt_parts_full"):
+        assert 0.0 <= saved["disjoint." + key] <= 1.0, key
+    assert saved["disjoint.cls_n_train"] == 12 and saved["disjoint.cls_n_test"] == 6
+    # The scoring fit keeps the design's per-part ridge strengths.
+    if saved["disjoint.design.default.selection"] == "ridge":
+        for name in ann.part_names:
+            assert saved[f"disjoint.alpha_box.{name}"] == saved[f"disjoint.design.alpha_box.{name}"]
+    # Scored on classes 13-25's test images only (the first n_test = 16 of them).
+    assert saved["disjoint.configs.default.n_test"] == 16
+    assert not any(k.startswith(("norm_part_error", "configs.")) for k in saved)  # no headline
+
+
+def test_fixed_alphas_keep_the_design_strength_per_part():
+    """`_fixed_alphas`: the scoring fit uses, part by part and frame by frame, the ridge
+    strength the design fit chose, and equals a direct fit at that strength."""
+    from fgloc.localize import parts as P
+
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        boxes = np.tile([[10.0, 20.0, 110.0, 140.0]], (n, 1))
+        centres = boxes[:, None, :2] + rng.uniform(0, 100, (n, 6, 2))
+        # part 0 follows channel 0 exactly, part 1 is noisy, part 2 pure noise
+        parts = np.stack([centres[:, 0], centres[:, 1] + rng.normal(0, 30, (n, 2)),
+                          boxes[:, None, :2][:, 0] + rng.uniform(0, 100, (n, 2))], 1)  # fmt: skip
+        return centres.astype(np.float32), parts.astype(np.float32), np.ones((n, 3), bool), boxes
+
+    grid = (1e-3, 1.0, 1e3)
+
+    def fitter(c, p, v, b):
+        def fit(alphas):
+            return P.PartDetector.fit(
+                c, p, v, b, ("a", "b", "c"), backbone="x", layer="y", readout="ridge",
+                full_centres=c, image_sizes=np.tile([[200.0, 150.0]], (len(c), 1)),
+                alphas=grid if alphas is None else alphas, map_type="activation",
+            )  # fmt: skip
+
+        return fit
+
+    design = fitter(*data(60))(None)
+    chosen = design.box.regression.alpha
+    assert len(set(chosen.tolist())) > 1, chosen  # the parts chose different strengths
+    fit_b = fitter(*data(50))
+    fixed = E._fixed_alphas(fit_b, design)
+    for frame in P.FRAMES:
+        want = getattr(design, frame).regression.alpha
+        got = getattr(fixed, frame).regression
+        np.testing.assert_array_equal(got.alpha, want)
+        for p, a in enumerate(want):
+            direct = getattr(fit_b((float(a),)), frame).regression
+            np.testing.assert_allclose(got.coef[p], direct.coef[p])
+            np.testing.assert_allclose(got.intercept[p], direct.intercept[p])

@@ -175,3 +175,87 @@ def test_smoke_run_on_real_data(shared_data: pathlib.Path, tmp_path: pathlib.Pat
     assert (tmp_path / "examples_cub.png").stat().st_size > 1000
     assert (tmp_path / "examples_imagenet.png").stat().st_size > 1000
     assert len(list((tmp_path / "cache").glob("cub_*.npz"))) == 10  # 300 images, chunks of 32
+
+
+def _disjoint_records(n: int = 300) -> tuple[exp.Records, np.ndarray]:
+    """Synthetic records with CUB classes 1..25 (design 1-12, score 13-25), half train."""
+    records, maps = _synthetic_records(n, seed=1)
+    classes = np.arange(n) % 25 + 1
+    return records._replace(classes=classes, is_train=(np.arange(n) // 25) % 2 == 0), maps
+
+
+def test_class_disjoint_design_never_sees_score_classes(monkeypatch):
+    from fgloc.data.cub import DESIGN_CLASSES, SCORE_CLASSES
+
+    records, maps = _disjoint_records()
+    assert records.classes is not None and records.is_train is not None
+    settings = configs.get("sensitivity_corloc", "class_disjoint")
+    assert settings.class_disjoint and not configs.get("sensitivity_corloc").class_disjoint
+    settings.regression.pool_sizes = (16,)
+    settings.regression.norms = ("none", "sum")
+    settings.regression.cv_folds = 3
+    settings.threshold_box.map_size = 32
+    settings.threshold_box.thresholds = (0.1, 0.5)
+    seen: list[np.ndarray] = []
+    choose = exp.choose_settings
+
+    def spy(maps, recs, train, config):
+        seen.append(np.asarray(train))
+        return choose(maps, recs, train, config)
+
+    monkeypatch.setattr(exp, "choose_settings", spy)
+    m, split = exp.evaluate_disjoint(records, {"maps": maps}, settings)
+    # Two design steps: classes 1-12 (the check) and all training images (the headline's).
+    assert len(seen) == 2
+    assert set(records.classes[seen[0]]) == set(DESIGN_CLASSES)
+    assert np.all(records.is_train[seen[0]])
+    np.testing.assert_array_equal(seen[1], np.flatnonzero(records.is_train))
+    for key, classes, train in (
+        ("design_train", DESIGN_CLASSES, True),
+        ("design_test", DESIGN_CLASSES, False),
+        ("score_train", SCORE_CLASSES, True),
+        ("score_test", SCORE_CLASSES, False),
+    ):
+        assert set(records.classes[split[key]]) == set(classes), key
+        assert np.all(records.is_train[split[key]] == train), key
+    assert m["disjoint.n_images"] == len(split["score_test"]) == 78  # 13 classes x 6 images
+    assert m["disjoint.n_train"] == len(split["score_train"]) == 78
+    assert m["disjoint.full.n_train"] == int(records.is_train.sum())
+    assert m["disjoint.n_design_train"] == len(split["design_train"]) == 72
+    for prefix in ("disjoint.", "disjoint.design_test.", "disjoint.full.", "disjoint.full_design."):
+        for key in ("corloc", "corloc_threshold_box", "corloc_center_baseline", "mean_iou"):
+            assert 0.0 <= m[prefix + key] <= 1.0, prefix + key
+    # An indicator map is read exactly by the threshold rule, on any classes.
+    assert m["disjoint.corloc_threshold_box"] == 1.0
+    assert m["disjoint.corloc"] > m["disjoint.corloc_center_baseline"], m
+    # Same settings -> the headline arm's unit-free λ is the design's own.
+    assert m["disjoint.full.alpha"] == pytest.approx(m["disjoint.full_design.alpha"])
+    # ImageNet-style records (no classes) are refused.
+    with pytest.raises(ValueError, match="class_disjoint needs CUB"):
+        exp.class_disjoint_split(records._replace(classes=None))
+
+
+@pytest.mark.real_data
+def test_smoke_disjoint_run_on_real_cub(shared_data: pathlib.Path, tmp_path: pathlib.Path):
+    """The class-disjoint preset end to end on 120 CUB images at 64 px: keys, ranges, and the
+    written split shows no score-class image among the design images."""
+    from fgloc.data.cub import DESIGN_CLASSES, SCORE_CLASSES
+
+    config = f"{common.CONFIG_DIR}/sensitivity_corloc.py:smoke_disjoint"
+    common.main(
+        exp.run, ["--config", config, "--data_dir", str(shared_data), "--workdir", str(tmp_path)]
+    )
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["n_images"] == 60 and written["dataset"] == "cub"
+    for prefix in ("disjoint.", "disjoint.design_test.", "disjoint.full.", "disjoint.full_design."):
+        for key in ("corloc", "corloc_threshold_box", "corloc_center_baseline", "mean_iou"):
+            assert 0.0 <= written[prefix + key] <= 1.0, prefix + key
+        assert written[prefix + "n_images"] > 10 and written[prefix + "n_train"] > 10
+    split = json.loads((tmp_path / "disjoint_split_cub.json").read_text())
+    assert {c for _, c in split["design_train"]} <= set(DESIGN_CLASSES)
+    for key in ("score_train", "score_test"):
+        assert {c for _, c in split[key]} <= set(SCORE_CLASSES), key
+    design_paths = {p for p, _ in split["design_train"]}
+    assert not design_paths & {p for p, _ in split["score_train"] + split["score_test"]}
+    assert written["disjoint.n_design_train"] == len(split["design_train"])
+    assert written["disjoint.n_images"] == len(split["score_test"])

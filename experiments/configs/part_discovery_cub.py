@@ -9,8 +9,12 @@ Table 2), ``smoke`` (the tests), ``paper_alexnet_gradient`` (the paper's own met
 pool5 gradient maps, 400 training images; ``_160`` / ``_40``: fitted on fewer),
 ``paper_alexnet_gradient_fullframe`` (160 images, the no-box channels chosen on full training
 images), ``lite0_map_types`` (gradient vs rectified gradient vs activation maps on Lite0 stage
-6, 60 training images) and ``paper_caffenet`` (the paper's method on a user's converted Caffe
-net: ``--config.caffe_weights=PATH.npz``).
+6, 60 training images), ``paper_caffenet`` (the paper's method on a user's converted Caffe
+net: ``--config.caffe_weights=PATH.npz``), ``class_disjoint`` (issue 18: ``default`` with
+``class_disjoint=True``: every design choice made on CUB classes 1–12, the same configurations
+fitted on classes 13–25's training images and scored on their test images, ``disjoint.*``
+keys; per-image centres are shared with the default run's cache) and ``smoke_disjoint`` (the
+same at 64 px on a few images, the tests).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ PRESETS = (
     "paper_alexnet_gradient_fullframe",
     "lite0_map_types",
     "paper_caffenet",
+    "class_disjoint",
+    "smoke_disjoint",
 )
 
 
@@ -135,6 +141,8 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     c.num_figure = 2
     # The converted Caffe net (.npz) of every "caffe" candidate that names no weights itself.
     c.caffe_weights = ""
+    # Issue 18: design on classes 1-12, fit and score on classes 13-25 (``disjoint.*`` keys).
+    c.class_disjoint = name in ("class_disjoint", "smoke_disjoint")
 
     if name == "smoke":
         # Gradient candidates on 8 channels (cost grows with the channels); the activation
@@ -203,4 +211,18 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.paper_candidate = "lite0_act"
         c.only_evals = ("default",)
         c.classification.enabled = False
+    elif name == "smoke_disjoint":
+        # Activation centres only (a forward pass per image) on few images at 64 px.
+        c.candidates = ml_collections.ConfigDict(
+            {
+                "lite0_act": candidate(
+                    "efficientnet_lite0", "stage6", 64, "activation", n_train=24, n_test=16,
+                    top_m=(1, 2),
+                ),
+            }
+        )  # fmt: skip
+        c.paper_candidate = "lite0_act"
+        c.ridge_alphas = (1.0, 100.0)
+        c.classification = _classification(global_size=67, patch_size=67, n_train=12, n_test=6)
+        c.num_figure = 0
     return c

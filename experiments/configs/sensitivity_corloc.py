@@ -8,6 +8,11 @@ README column:
 * ``default`` — CUB: fit on the train split, CorLoc on the test split (Lite0 at 224, top-1
   class, 8/16/32 pooling × 3 norms × λ by 5-fold CV);
 * ``imagenet`` — the same on the ILSVRC sample, 5-fold cross-validated evaluation;
+* ``class_disjoint`` — ``default`` plus issue 18's class-disjoint check
+  (``class_disjoint=True``): pooling, norm, λ and the threshold chosen on the training images
+  of CUB classes 1–12, the map fitted on classes 13–25's training images and scored on their
+  test images (``disjoint.*`` keys; the maps of all images share the default run's cache);
+* ``smoke_disjoint`` — the same on 120 CUB images at 64 px (the tests);
 * ``smoke`` — the tests' run: 150 + 150 CUB images and the 50 ImageNet images at 160 px, the
   smallest run found on which the learned box clearly beats the centre box (CorLoc 62.7 vs
   52.7 %; with 100 + 100 images the margin is 5 images: 65 vs 60 %).
@@ -18,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-PRESETS = ("default", "imagenet", "smoke")
+PRESETS = ("default", "imagenet", "smoke", "class_disjoint", "smoke_disjoint")
 
 
 def get_config(name: str | None = None) -> ml_collections.ConfigDict:
@@ -53,6 +58,8 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     c.threshold_box.thresholds = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
     c.threshold_box.map_size = 56  # drawn on the map pooled to this side
     c.threshold_box.connectivity = 4
+    # Issue 18 (CUB only): also the class-disjoint arms of `evaluate_disjoint` ("disjoint.*").
+    c.class_disjoint = name in ("class_disjoint", "smoke_disjoint")
     if name == "imagenet":
         c.dataset = "imagenet"
     elif name == "smoke":
@@ -68,4 +75,15 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.regression.cv_folds = 3
         c.threshold_box.thresholds = (0.1, 0.2)
         c.threshold_box.map_size = 28
+    elif name == "smoke_disjoint":
+        c.input_size = 64
+        c.cache_size = 32
+        c.max_images = 120  # 60 train + 60 test of classes 1-25
+        c.n_figure = 2
+        c.regression.pool_sizes = (4, 8)
+        c.regression.norms = ("max", "sum")
+        c.regression.alphas = (0.1, 1.0, 10.0)
+        c.regression.cv_folds = 3
+        c.threshold_box.thresholds = (0.1, 0.2, 0.3)
+        c.threshold_box.map_size = 16
     return c
