@@ -877,9 +877,9 @@ def _flop_limit(
 ) -> None:
     """All-channel gradient maps of one image against the FLOP limit of one forward pass plus
     K input-gradient passes at the convolution throughput measured in the same rounds."""
-    photos, _ = load_photos(1, max(int(m.split(":")[2]) for m in config.flop_models))
+    photos, _ = load_photos(1, max(int(m.split(":")[2]) for m in list(config.flop_models)))
     probes = conv_probe_fns(config.conv_probe)
-    for spec in config.flop_models:
+    for spec in list(config.flop_models):
         name, layer, size_s, chunk_s = spec.split(":")
         size, chunk = int(size_s), int(chunk_s)
         p = fgloc.pretrained(name)
@@ -905,7 +905,7 @@ def _flop_limit(
         contenders.update({n: fn for n, (fn, _) in probes.items()})
         variants: dict[str, Any] = {}
         ref = np.asarray(fg(x, ids))
-        for chunk_v in [int(c) for c in config.flop_chunk_variants]:
+        for chunk_v in [int(c) for c in list(config.flop_chunk_variants)]:
             if chunk_v != chunk and chunk_v <= k:
                 variants[f"fgloc_chunk{chunk_v}"] = jax.jit(
                     functools.partial(
@@ -1022,7 +1022,8 @@ def _layer_costs(
 
 
 def _peak_rss_run(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float]:
-    """Runs ``cmd``; returns (exit status, wall seconds, peak RSS MB of that child)."""
+    """Runs ``cmd``; returns (exit status, wall seconds, the child's ``ru_maxrss`` in MB, which
+    counts the forked parent's resident pages too: an upper bound)."""
     import subprocess
 
     start = time.perf_counter()
@@ -1087,13 +1088,13 @@ def _localize(
 
     sizes = sorted({image_size(p) for p in paths})
     torch_ok = have["torch"] and have["efficientnet_lite_pytorch"] and have["cv2"]
-    jobs = [j for j in config.localize_jobs if j == "fgloc" or torch_ok]
+    jobs = [j for j in list(config.localize_jobs) if j == "fgloc" or torch_ok]
     jobs = [j for j in jobs if j != "torchcam" or have["torchcam"]]
     jobs = [j for j in jobs if j != "grad_cam" or have["pytorch_grad_cam"]]
     env = dict(os.environ)
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])
-    for overlays in [bool(o) for o in config.localize_overlays]:
+    for overlays in [bool(o) for o in list(config.localize_overlays)]:
         runs: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
         for r in range(int(config.localize_repeats)):
             for job in jobs:
@@ -1109,9 +1110,13 @@ def _localize(
                 if code:
                     raise RuntimeError(f"{job} job failed with exit status {code}")
                 t = json.loads(pathlib.Path(str(out) + ".json").read_text())
-                t.update(process_wall_s=wall, peak_rss_mb=rss, out=str(out))
+                # the child's own VmHWM; ru_maxrss would include this (forked) parent's pages
+                t.update(process_wall_s=wall, ru_maxrss_mb=rss, out=str(out))
                 runs[job].append(t)
-                log(f"localize {job} overlays={overlays} round {r}: {wall:.1f} s, {rss:.0f} MB")
+                log(
+                    f"localize {job} overlays={overlays} round {r}: {wall:.1f} s, "
+                    f"{t['peak_rss_mb']:.0f} MB"
+                )
         n = len(paths)
         timing: dict[str, Any] = {}
         for job, ts in runs.items():

@@ -272,6 +272,21 @@ def run_fgloc_job(
     return main(argv)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM`` of ``/proc/self/status``), MiB; 0 if absent.
+
+    Unlike ``ru_maxrss``, ``VmHWM`` starts afresh at ``exec``, so a child started by a big
+    parent process does not inherit the parent's resident set."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("job", choices=JOBS)
@@ -312,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if status:
             raise SystemExit(f"fgloc localize exited with {status}")
     timing = {
+        "peak_rss_mb": peak_rss_mb(),
         "job": args.job,
         "photos": len(args.photos),
         "overlays": args.overlays,

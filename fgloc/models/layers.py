@@ -172,7 +172,7 @@ def _max_pool(x: jax.Array, kernel: int, stride: int, pads: tuple) -> jax.Array:
     return _max_pool_forward(x, kernel, stride, pads)
 
 
-def _window_taps(xp: jax.Array, out_hw: tuple[int, int], kernel: int, stride: int):
+def _window_taps(xp: jax.Array, out_hw: Sequence[int], kernel: int, stride: int):
     """``(di, dj, strided slice of the padded input under that tap)`` for every window tap."""
     b, _, _, c = xp.shape
     oh, ow = out_hw
