@@ -15,7 +15,8 @@ line per photo; with ``--overlays`` it also draws the overlay picture of every p
 
 The peers draw their overlays with fgloc's own `fgloc.app.overlays.save_overlay`, loaded from
 its file so the peer processes do not import JAX: the pictures cost the same on both sides.
-Peers decode with PIL (EXIF rotation applied) and resize with PIL bilinear, as fgloc does.
+Peers decode with PIL (EXIF rotation applied), resize with PIL bilinear and normalise with
+``(x − 127) / 128``, as fgloc does (`fgloc.registry`).
 
 This module imports neither JAX nor torch at the top: `torch_reference` is shared with
 `experiments.benchmark_peers`. Each job runs ``--passes`` times in one process and writes, to
@@ -181,9 +182,7 @@ def run_torch_job(
                 ]
             )
             xt = torch.from_numpy(
-                np.ascontiguousarray(
-                    ((x.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
-                )
+                np.ascontiguousarray(((x.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
             )
             if job == "torchcam":
                 with torch.no_grad():
