@@ -1003,7 +1003,7 @@ def _layer_costs(
             _block(grads(x, cts))
             ts.append(time.perf_counter() - start)
         s, flops = min(ts), conv_flops(prefix, x)
-        own_s, own_flops = max(s - prev_s, 1e-9), flops - prev_flops
+        own_s, own_flops = s - prev_s, flops - prev_flops  # <= 0: noise swamped the layer
         out.append(
             {
                 "layer": name,
@@ -1011,7 +1011,9 @@ def _layer_costs(
                 "prefix_s": s,
                 "input_grad_s": own_s,
                 "forward_flops": own_flops,
-                "efficiency": own_flops * n / own_s / (gflops * 1e9) if own_flops else None,
+                "efficiency": (
+                    own_flops * n / own_s / (gflops * 1e9) if own_flops and own_s > 0 else None
+                ),
             }
         )
         prev_s, prev_flops = s, flops
