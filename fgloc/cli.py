@@ -43,6 +43,8 @@ def _add_localize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--box", default=None,
                    help="parts: object box x0,y0,x1,y1 (pixels) applied to every image")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-overlays", action="store_true",
+                   help="cam/sensitivity: write results.jsonl only, no overlay pictures")  # fmt: skip
 
 
 def _points(args, paths) -> int:
@@ -86,6 +88,7 @@ def _localize(args, paths) -> int:
     ok, failed = run_to_dir(
         net, paths, args.out, method=args.method, topk=args.topk, input_size=args.input_size,
         threshold=args.threshold, smooth_sigma=args.smooth, batch_size=args.batch_size, progress=not args.no_progress,
+        overlays=not args.no_overlays,
     )  # fmt: skip
     print(
         f"{ok} image(s) localized with {args.method}; results in {pathlib.Path(args.out) / 'results.jsonl'}"

@@ -11,6 +11,7 @@ when that peer is installed.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,8 @@ def test_tiny_run_agrees_and_reports(tmp_path) -> None:
     c.box_classes = 4
     c.repeats = 1
     c.channel_repeats = 1
-    assert tuple(c.sections) == ("maps", "topk", "channels", "boxes")
+    assert tuple(c.sections)[:4] == ("maps", "topk", "channels", "boxes")
+    c.sections = bp.TORCH_SECTIONS  # flop_limit and localize: test_smoke_configuration_...
     results = bp.run(c, log=lambda _: None)
     missing = bp.missing_peers()
     has_cv2 = "cv2" not in missing
@@ -129,3 +131,67 @@ def test_tiny_run_agrees_and_reports(tmp_path) -> None:
     bp.plot_ratios(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
     json.dumps(results)  # serialisable
+
+
+def _alexnet_flops(size: int) -> float:
+    """2 × MACs of AlexNet's five convolutions up to pool5, by hand (padded taps counted)."""
+    conv1 = (size + 4 - 11) // 4 + 1
+    pool1 = (conv1 - 3) // 2 + 1
+    pool2 = (pool1 - 3) // 2 + 1
+    macs = conv1**2 * 64 * 11 * 11 * 3 + pool1**2 * 192 * 5 * 5 * 64
+    macs += pool2**2 * (384 * 9 * 192 + 256 * 9 * 384 + 256 * 9 * 256)
+    return 2.0 * macs
+
+
+def test_conv_flops_counts_alexnet_by_hand() -> None:
+    import fgloc
+
+    p = fgloc.pretrained("alexnet_lpips")
+
+    def layer(z):
+        return p.model.apply(p.variables, z, method=p.model.features, stop_at="pool5")[0]
+
+    for size in (63, 227):
+        assert bp.conv_flops(layer, jnp.zeros((1, size, size, 3))) == _alexnet_flops(size)
+    assert _alexnet_flops(227) == 1316290560.0  # 1.32 GFLOP, the issue's AlexNet pool5 forward
+
+
+def test_localize_agreement_counts_classes_and_boxes() -> None:
+    def row(preds):
+        return {"predictions": [{"class": c, "box": b} for c, b in preds]}
+
+    ours = {
+        "a.jpg": row([(1, [0, 0, 10, 10]), (2, [5, 5, 9, 9])]),
+        "b.jpg": row([(3, [0, 0, 4, 4])]),
+    }
+    peer = {
+        "a.jpg": row([(1, [0, 0, 10.5, 10]), (7, [5, 5, 9, 9])]),
+        "c.jpg": row([(3, [0, 0, 4, 4])]),
+    }
+    a = bp.localize_agreement(ours, peer)
+    assert a["photos"] == 1 and a["predictions"] == 2
+    assert a["same_class_fraction"] == 0.5
+    assert a["same_box_fraction_of_same_class"] == 1.0 and a["max_box_diff_px_same_class"] == 0.5
+
+
+@pytest.mark.slow  # a fresh `fgloc localize` process (JAX import, weights, compilation)
+def test_smoke_configuration_runs_without_peers(tmp_path) -> None:
+    """`--smoke`: the FLOP-limit and whole-job sections, no PyTorch peer needed (CI)."""
+    results = bp.main(["--smoke", "--out", str(tmp_path / "smoke.json")])
+    assert "failed_sections" not in results, results.get("failed_sections")
+    e = results["pairs"]["flop_limit_alexnet_lpips_pool5"]
+    assert e["forward_flops"] == _alexnet_flops(63)
+    assert e["limit_flops"] == _alexnet_flops(63) * (1 + 8)
+    assert e["fraction_of_flop_limit"] == pytest.approx(e["limit_s"] / e["fgloc_s"])
+    assert min(e["conv_gflops_per_s"].values()) > 0
+    # the hand-written max-pool / conv1 input gradients give autodiff's maps
+    assert e["variants"]["fgloc_autodiff_vjps"]["max_rel_diff_vs_fgloc"] < 1e-5
+    s = results["summary"]
+    assert s["channel_maps_fraction_of_flop_limit"] == round(e["fraction_of_flop_limit"], 3)
+    job = results["pairs"]["localize_no_overlays"]
+    assert job["photos"] == 2 and job["timing"]["fgloc"]["throughput_per_s"] > 0
+    assert job["timing"]["fgloc"]["peak_rss_mb"] > 0
+    out = tmp_path / "smoke.md"
+    assert "fraction of limit" in out.read_text()
+    rows = (pathlib.Path(job["runs"]["fgloc"][0]["out"]) / "pass0/results.jsonl").read_text()
+    assert [len(json.loads(r)["predictions"]) for r in rows.splitlines()] == [5, 5]

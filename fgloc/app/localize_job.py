@@ -210,9 +210,14 @@ def _localize_iter(
 
 
 def run_to_dir(
-    net: Pretrained, paths: Sequence[str | os.PathLike], out: str | os.PathLike, **kwargs
+    net: Pretrained,
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    overlays: bool = True,
+    **kwargs,
 ) -> tuple[int, int]:
-    """Run :func:`localize`, writing ``OUT/<stem>_<method>.png`` and ``OUT/results.jsonl``.
+    """Run :func:`localize`, writing ``OUT/<stem>_<method>.png`` (unless ``overlays`` is
+    false) and ``OUT/results.jsonl``.
 
     Returns ``(n_ok, n_failed)``. Results are appended line by line as they come, so nothing
     done is lost when a later image fails or the run is interrupted. Impossible options raise
@@ -235,7 +240,8 @@ def run_to_dir(
             seen[stem] = seen.get(stem, 0) + 1
             if seen[stem] > 1:
                 stem = f"{stem}_{seen[stem]}"
-            save_overlay(res, out / f"{stem}_{res.method}.png")
+            if overlays:
+                save_overlay(res, out / f"{stem}_{res.method}.png")
             f.write(json.dumps(res.to_json()) + "\n")
             f.flush()
             n_ok += 1

@@ -30,7 +30,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 
-from fgloc.models.layers import adaptive_avg_pool, run_stages, torch_max_pool
+from fgloc.models.layers import adaptive_avg_pool, run_stages, strided_conv, torch_max_pool
 
 
 class AlexNet(nn.Module):
@@ -54,7 +54,14 @@ class AlexNet(nn.Module):
     fully_conv: bool = False
 
     def setup(self) -> None:
-        self.conv1 = nn.Conv(64, (11, 11), strides=(4, 4), padding=((2, 2), (2, 2)))
+        # conv1's input gradient goes space-to-depth (`strided_conv`): same forward pass.
+        self.conv1 = nn.Conv(
+            64,
+            (11, 11),
+            strides=(4, 4),
+            padding=((2, 2), (2, 2)),
+            conv_general_dilated=strided_conv,
+        )
         self.conv2 = nn.Conv(192, (5, 5), padding=((2, 2), (2, 2)))
         self.conv3 = nn.Conv(384, (3, 3), padding=((1, 1), (1, 1)))
         self.conv4 = nn.Conv(256, (3, 3), padding=((1, 1), (1, 1)))
