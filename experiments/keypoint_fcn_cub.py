@@ -556,9 +556,9 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     # ---------------------------------------------------------------- cached backbone maps
     t0 = time.perf_counter()
+    # kp_ft.start_at even when stage 2 is off: a keypoints-only trial then shares the caches
     cached = sorted(
-        {*config.kp.layers, *config.extra.paper_layers, config.cls.start_at}
-        | ({config.kp_ft.start_at} if config.kp_ft.enabled else set()),
+        {*config.kp.layers, *config.extra.paper_layers, config.cls.start_at, config.kp_ft.start_at},
         key=names.index,
     )
     feature_dir = pathlib.Path(config.feature_dir) if config.feature_dir else workdir / "features"

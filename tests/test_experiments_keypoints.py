@@ -257,7 +257,6 @@ def test_class_disjoint_smoke_run(shared_data, tmp_path):
         if k != "seconds":
             assert d + k in m, k
     assert not any(k in m for k in ("pck@0.10", "cls_acc_joint"))  # every key prefixed
-    assert m[d + "n_classes"] == len(cub.SCORE_CLASSES)
     assert 0 <= m[d + "cls_part_threshold"] <= 1
     for r in ("argmax", "soft_argmax+flip", "dark+flip"):
         assert 0 <= m[f"{d}design.{r}.pck@0.10"] <= 1
@@ -274,6 +273,7 @@ def test_class_disjoint_smoke_run(shared_data, tmp_path):
     assert set(roles["train"]["classes"]) <= set(cub.SCORE_CLASSES)
     assert set(roles["eval"]["classes"]) <= set(cub.SCORE_CLASSES)
     assert set(roles["design"]["classes"]) <= set(cub.DESIGN_CLASSES)
+    assert m[d + "n_classes"] == len(set(roles["train"]["classes"]))
     files = {r: set(v["files"]) for r, v in roles.items()}
     assert not files["design"] & (files["train"] | files["eval"])
     for p in (tmp_path / "stages").glob("*/stage.json"):
