@@ -56,10 +56,27 @@ import numpy as np
 
 from experiments import common
 
-__all__ = ["ALPHAS", "check_annotations", "run", "save_figure", "validate_config"]
+__all__ = [
+    "ALPHAS",
+    "CLASS_SETS",
+    "check_annotations",
+    "class_ids",
+    "run",
+    "save_figure",
+    "validate_config",
+]
 
 ALPHAS = (0.02, 0.05, 0.08, 0.10)
 EXTRA_HEADS = ("paper_setting", "paper_stride16", "floor")
+# the class sets of the class-disjoint protocol (issue 18) a config may name
+CLASS_SETS = {"": "every class", "design": "DESIGN_CLASSES", "score": "SCORE_CLASSES"}
+
+
+def class_ids(which: str) -> tuple[int, ...]:
+    """The 1-based CUB class ids of ``which`` (`CLASS_SETS`; ``""``: none, i.e. every class)."""
+    from fgloc.data.cub import DESIGN_CLASSES, SCORE_CLASSES
+
+    return {"": (), "design": DESIGN_CLASSES, "score": SCORE_CLASSES}[which]
 
 
 # --------------------------------------------------------------------------------- options
@@ -91,6 +108,13 @@ def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> No
     if config.backbone.startswith("efficientnet") and config.input_size % 32:
         # TF "SAME" padding puts the cells of a map on the s-pixel grid only then
         bad("input_size", f"must be a positive multiple of 32 pixels, got {config.input_size}")
+    for name in ("classes", "design_classes", "report_classes"):
+        if config[name] not in CLASS_SETS:
+            bad(name, f"must be one of {sorted(CLASS_SETS)}, got {config[name]!r}")
+    if config.design_classes and config.design_classes == config.classes:
+        bad("design_classes", f"must differ from classes {config.classes!r} (class-disjoint)")
+    if config.design_classes and not config.classes:
+        bad("design_classes", "needs classes (the classes trained on must exclude them)")
     if config.eval_split not in ("test", "val"):
         bad("eval_split", f"must be 'test' or 'val', got {config.eval_split!r}")
     if not 0 < config.val_fraction < 1:
@@ -183,26 +207,49 @@ def _subset(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
+def _in_classes(split: Any, which: str) -> np.ndarray:
+    """Positions in ``split`` of the images of the class set ``which`` (all for ``""``)."""
+    if not which:
+        return np.arange(len(split))
+    return np.flatnonzero(np.isin(split.labels, np.asarray(class_ids(which)) - 1))
+
+
 def _splits(ann: Any, config: Any) -> dict[str, tuple[Any, np.ndarray]]:
-    """``{"train": (split, index), "eval": (split, index)}``: the official CUB splits the
-    images come from (``train`` / ``test``) and the positions used in them. ``eval_split="val"``
-    holds out ``val_fraction`` of the *training* images (the test split is never read); both
-    then index the official train split, so they share its feature caches."""
+    """``{"train": (split, index), "eval": (split, index)}`` (and ``"design"`` when
+    ``config.design_classes``): the official CUB splits the images come from (``train`` /
+    ``test``) and the positions used in them. ``eval_split="val"`` holds out ``val_fraction``
+    of the *training* images (the test split is never read); both then index the official
+    train split, so they share its feature caches. ``config.classes`` keeps the images of
+    that class set (positions still in the whole official split, so the feature caches of a
+    run on every class serve them); ``"design"`` indexes the training images of
+    ``config.design_classes``, where the data-made choices are made."""
     if config.max_classes:
         keep = np.unique(ann.labels)[: config.max_classes]
         ann = ann.subset(np.isin(ann.labels, keep))
     train = ann.split("train")
+    pos_train = _in_classes(train, config.classes)
     if config.eval_split == "val":
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        n_val = max(1, int(round(config.val_fraction * len(train))))
-        idx_eval, idx_train = np.sort(order[:n_val]), np.sort(order[n_val:])
+        order = np.random.default_rng(config.seed).permutation(len(pos_train))
+        n_val = max(1, int(round(config.val_fraction * len(pos_train))))
+        idx_eval = np.sort(pos_train[order[:n_val]])
+        idx_train = np.sort(pos_train[order[n_val:]])
         base_eval = train
     else:
         base_eval = ann.split("test")
-        idx_train, idx_eval = np.arange(len(train)), np.arange(len(base_eval))
+        idx_train, idx_eval = pos_train, _in_classes(base_eval, config.classes)
     idx_train = idx_train[_subset(len(idx_train), config.max_train, config.seed)]
     idx_eval = idx_eval[_subset(len(idx_eval), config.max_test, config.seed)]
-    return {"train": (train, idx_train), "eval": (base_eval, idx_eval)}
+    out = {"train": (train, idx_train), "eval": (base_eval, idx_eval)}
+    for name, (_, idx) in out.items():
+        if not len(idx):
+            raise ValueError(f"no {name} image in classes {config.classes!r}")
+    if config.design_classes:
+        idx_design = _in_classes(train, config.design_classes)
+        idx_design = idx_design[_subset(len(idx_design), config.max_train, config.seed)]
+        if not len(idx_design):
+            raise ValueError(f"no training image in design_classes {config.design_classes!r}")
+        out["design"] = (train, idx_design)
+    return out
 
 
 def _input_keypoints(ann: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,6 +285,7 @@ def _extract(
     flip: bool,
     feature_dir: pathlib.Path,
     tag: str,
+    reuse_dir: pathlib.Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Cached backbone maps ``{layer: (len(positions), h, w, C)}`` (``config.cache_dtype``) of
     the images ``base[positions]`` squashed to ``input_size``² (mirrored when ``flip``).
@@ -245,9 +293,12 @@ def _extract(
     One cache file per chunk of ``4 · extract_batch`` consecutive images of the official split
     ``base`` (``tag``), keyed by backbone, size, flip, layers and the chunk's files, so runs on
     the same images (a test run and a train/val run) share them and an interruption loses one
-    chunk."""
+    chunk. ``reuse_dir`` (another run's feature folder) is only read: a chunk of it written for
+    all the chunk's images serves any subset of them (a run on some classes reuses a run on all
+    of them); what it lacks is computed into ``feature_dir``."""
     from tqdm.auto import tqdm
 
+    from fgloc.cache import load_npz
     from fgloc.data.pipeline import load_resized
 
     size, bs = config.input_size, config.extract_batch
@@ -272,15 +323,33 @@ def _extract(
     for start in bar:
         need = wanted[(wanted >= start) & (wanted < start + chunk)]
         files = [str(f) for f in paths[np.unique(need)]]
-        key = {
-            "backbone": config.backbone,
-            "size": size,
-            "flip": flip,
-            "layers": sorted(layers),
-            "stop": stop,
-            "dtype": config.cache_dtype,
-            "files": [pathlib.Path(f).name for f in files],
-        }
+
+        def key_of(names: Sequence[str]) -> dict[str, Any]:
+            return {
+                "backbone": config.backbone,
+                "size": size,
+                "flip": flip,
+                "layers": sorted(layers),
+                "stop": stop,
+                "dtype": config.cache_dtype,
+                "files": [pathlib.Path(f).name for f in names],
+            }
+
+        key = key_of(files)
+        name = f"{tag}_{'flip' if flip else 'orig'}_{start:05d}.npz"
+        if reuse_dir is not None:
+            whole = [str(f) for f in paths[start : start + chunk]]
+            got = load_npz(reuse_dir / name, key_of(whole))
+            if got is not None:
+                for k in layers:
+                    out[k].append(got[k][need - start])
+                continue
+            got = load_npz(reuse_dir / name, key)
+            if got is not None:
+                rows = np.searchsorted(np.unique(need), need)
+                for k in layers:
+                    out[k].append(got[k][rows])
+                continue
 
         def compute(files: list[str] = files) -> dict[str, np.ndarray]:
             res: dict[str, list[np.ndarray]] = {k: [] for k in layers}
@@ -296,7 +365,6 @@ def _extract(
                     res[k].append(np.asarray(r[k][:n], config.cache_dtype))
             return {k: np.concatenate(v) for k, v in res.items()}
 
-        name = f"{tag}_{'flip' if flip else 'orig'}_{start:05d}.npz"
         got = common.cached_npz(feature_dir / name, compute, key)
         rows = np.searchsorted(np.unique(need), need)
         for k in layers:
@@ -454,6 +522,32 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         raise ValueError(f"evaluation classes {missing} have no training image")
     y_train = np.searchsorted(classes, train.labels).astype(np.int32)
     y_eval = np.searchsorted(classes, evals.labels).astype(np.int32)
+    design = splits["design"][0].subset(splits["design"][1]) if "design" in splits else None
+    # which images each role read (a check that the class sets stay apart)
+    roles = {"train": train, "eval": evals, **({"design": design} if design is not None else {})}
+    (workdir / "images.json").write_text(
+        json.dumps(
+            {
+                r: {"files": list(a.file_names), "classes": (a.labels + 1).tolist()}
+                for r, a in roles.items()
+            }
+        )
+        + "\n"
+    )
+    rep_mask = None  # the evaluation images of config.report_classes
+    if config.report_classes:
+        rep_mask = np.isin(evals.labels, np.asarray(class_ids(config.report_classes)) - 1)
+        if not rep_mask.any():
+            raise ValueError(f"no evaluation image in report_classes {config.report_classes!r}")
+    rep_prefix = f"{config.report_classes}_classes."
+
+    def put(name: str, per_image: np.ndarray) -> None:
+        """``metrics[name]``: the mean of a per-evaluation-image value (and on the
+        report_classes images)."""
+        metrics[name] = float(np.mean(per_image))
+        if rep_mask is not None:
+            metrics[f"{rep_prefix}{name}"] = float(np.mean(per_image[rep_mask]))
+
     num_devices = config.num_devices or None
     perm = kpt.flip_permutation(CUB_PART_NAMES)
     stage_root = workdir / "stages"
@@ -462,12 +556,13 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     # ---------------------------------------------------------------- cached backbone maps
     t0 = time.perf_counter()
+    # kp_ft.start_at even when stage 2 is off: a keypoints-only trial then shares the caches
     cached = sorted(
-        {*config.kp.layers, *config.extra.paper_layers, config.cls.start_at}
-        | ({config.kp_ft.start_at} if config.kp_ft.enabled else set()),
+        {*config.kp.layers, *config.extra.paper_layers, config.cls.start_at, config.kp_ft.start_at},
         key=names.index,
     )
     feature_dir = pathlib.Path(config.feature_dir) if config.feature_dir else workdir / "features"
+    reuse = pathlib.Path(config.feature_reuse) if config.feature_reuse else None
     base_tr, idx_tr = splits["train"]
     base_ev, idx_ev = splits["eval"]
     feats: dict[tuple[str, bool], dict[str, np.ndarray]] = {}
@@ -477,17 +572,22 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         if config.eval_split == "val":  # both index the train split: one extraction
             both = _extract(
                 p, base_tr, np.concatenate([idx_tr, idx_ev]), config, cached, flip,
-                feature_dir, "train",
+                feature_dir, "train", reuse,
             )  # fmt: skip
             n = len(idx_tr)
             feats["train", flip] = {k: v[:n] for k, v in both.items()}
             feats["eval", flip] = {k: v[n:] for k, v in both.items()}
         else:
             feats["train", flip] = _extract(
-                p, base_tr, idx_tr, config, cached, flip, feature_dir, "train"
+                p, base_tr, idx_tr, config, cached, flip, feature_dir, "train", reuse
             )
             feats["eval", flip] = _extract(
-                p, base_ev, idx_ev, config, cached, flip, feature_dir, "test"
+                p, base_ev, idx_ev, config, cached, flip, feature_dir, "test", reuse
+            )
+        if design is not None and (config.flip_test or not flip):
+            base_d, idx_d = splits["design"]
+            feats["design", flip] = _extract(
+                p, base_d, idx_d, config, cached, flip, feature_dir, "train", reuse
             )
     seconds["extract"] = time.perf_counter() - t0
 
@@ -568,13 +668,18 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         seconds[f"stage_{tag}"] = res.seconds
         return model, {"params": res.params}, stride, info
 
-    def evaluate_head(model, variables, layers, stride, activation, start_at=None, stop_at=None):
-        """Logits on the evaluation images and their mirrors, decoded every way."""
-        maps = {k: feats["eval", False][k] for k in layers}
+    def evaluate_head(
+        model, variables, layers, stride, activation, start_at=None, stop_at=None, split="eval"
+    ):
+        """Logits on the ``split`` images (``"eval"``, or ``"design"``) and their mirrors,
+        decoded every way; ``metrics_rep``: the metrics on the report_classes images."""
+        images = evals if split == "eval" else design
+        assert images is not None
+        maps = {k: feats[split, False][k] for k in layers}
         logits, _ = _heatmaps(model, variables, maps, start_at, stop_at, bs)
         flip_logits = None
         if config.flip_test:
-            maps_f = {k: feats["eval", True][k] for k in layers}
+            maps_f = {k: feats[split, True][k] for k in layers}
             lf, _ = _heatmaps(model, variables, maps_f, start_at, stop_at, bs)
             flip_logits = np.asarray(kpt.flip_test_average(logits, lf, perm))
         rows: dict[str, dict[str, Any]] = {}
@@ -586,13 +691,17 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
                     continue
                 z = flip_logits if ft else logits
                 xy, conf = _decode(z, stride, method, activation, config)
-                orig = _to_original(xy, evals.image_sizes, size)
+                orig = _to_original(xy, images.image_sizes, size)
                 rows[f"{method}{'+flip' if ft else ''}"] = {
                     "pred": orig,
                     "xy": xy,
                     "conf": conf,
-                    "metrics": _keypoint_metrics(orig, evals),
+                    "metrics": _keypoint_metrics(orig, images),
                 }
+                if rep_mask is not None and split == "eval":
+                    rows[f"{method}{'+flip' if ft else ''}"]["metrics_rep"] = _keypoint_metrics(
+                        orig[rep_mask], images.subset(rep_mask)
+                    )
         return rows
 
     def activation_of(loss: str) -> str:
@@ -601,8 +710,11 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     def add_rows(name: str, rows: Mapping[str, Mapping[str, Any]], keep: Sequence[str]) -> None:
         for r in keep:
             if r in rows:
+                row = f"ablation.{name}{'' if r == keep[0] else '.' + r}"
                 for k, v in rows[r]["metrics"].items():
-                    metrics[f"ablation.{name}{'' if r == keep[0] else '.' + r}.{k}"] = v
+                    metrics[f"{row}.{k}"] = v
+                for k, v in rows[r].get("metrics_rep", {}).items():
+                    metrics[f"{rep_prefix}{row}.{k}"] = v
 
     kp_layers = tuple(config.kp.layers)
     # stage 1
@@ -686,6 +798,27 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
 
     best = rows_final[chosen]
     metrics.update(best["metrics"])
+    metrics.update({f"{rep_prefix}{k}": v for k, v in best.get("metrics_rep", {}).items()})
+    rows_design = None
+    if design is not None:
+        # the final model on the design classes' training images (never trained on): every
+        # decoder scored there (a check of the hand-made decoder choice), and the data-made
+        # choices below are made on them
+        rows_design = evaluate_head(
+            final_model,
+            final_vars,
+            layers2 if config.kp_ft.enabled else kp_layers,
+            stride,
+            act,
+            final_start,
+            final_stop,
+            split="design",
+        )
+        for r, row in rows_design.items():
+            for k, v in row["metrics"].items():
+                metrics[f"design.{r}.{k}"] = v
+        by = {r: row["metrics"]["pck@0.05"] for r, row in rows_design.items()}
+        metrics["design.best_decoder_pck@0.05"] = max(by, key=lambda r: by[r])
     per = {a: pck(best["pred"], evals.parts, evals.visible, evals.boxes, a)[0] for a in ALPHAS}
     for a in ALPHAS:
         for j, part in enumerate(CUB_PART_NAMES):
@@ -809,18 +942,24 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         y_tr2 = np.concatenate([y_train, y_train]) if config.flip_train else y_train
 
         # test-time parts: the final keypoint predictions; visibility from a confidence threshold
-        # chosen on the training images
-        tr_maps_final = {
-            k: feats["train", False][k] for k in (layers2 if config.kp_ft.enabled else kp_layers)
-        }
-        tr_logits, _ = _heatmaps(
-            final_model, final_vars, tr_maps_final, final_start, final_stop, bs
-        )
-        _, tr_conf = _decode(tr_logits, stride, config.decoder, act, config)
-        threshold = _best_threshold(tr_conf, vis_tr)
+        # chosen on the training images, or (design_classes) on the design classes' training
+        # images with the decoding used at test
+        if rows_design is not None and design is not None:
+            _, vis_d = _input_keypoints(design, size)
+            threshold = _best_threshold(rows_design[chosen]["conf"], vis_d)
+        else:
+            tr_maps_final = {
+                k: feats["train", False][k]
+                for k in (layers2 if config.kp_ft.enabled else kp_layers)
+            }
+            tr_logits, _ = _heatmaps(
+                final_model, final_vars, tr_maps_final, final_start, final_stop, bs
+            )
+            _, tr_conf = _decode(tr_logits, stride, config.decoder, act, config)
+            threshold = _best_threshold(tr_conf, vis_tr)
         metrics["cls_part_threshold"] = threshold
         vis_pred = best["conf"] >= threshold
-        metrics["part_visibility_acc"] = float(np.mean(vis_pred == vis_ev))
+        put("part_visibility_acc", np.mean(vis_pred == vis_ev, axis=1))
         ev_maps = feats["eval", False][cls_start]
         v_ev = vectors(ev_maps, best["xy"], vis_pred)
         v_ev_gt = vectors(ev_maps, kp_ev, vis_ev)
@@ -900,14 +1039,15 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             seconds[f"stage_3_classifier_{tag}"] = res.seconds
             return model, {"params": res.params}, info
 
-        def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> float:
+        def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            """Per evaluation image: is the top class right."""
             fn = jax.jit(
                 lambda b: model.apply(variables, b, None, None, None, False, method=_joint_forward)
             )
             logits = _concat(
                 _batched(lambda b: fn(b), {"joint": x.astype(np.float32)}, config.cls.batch_size)
             )
-            return float(np.mean(np.argmax(logits, -1) == y))
+            return np.argmax(logits, -1) == y
 
         infos = {}
         for kind, holistic in (
@@ -917,20 +1057,24 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             ("joint_bilinear", config.cls.bilinear),
         ):
             model, variables, infos[kind] = train_classifier(kind, joint_of(v_tr, kind), holistic)
-            metrics[f"cls_acc_{kind}"] = accuracy(model, variables, joint_of(v_ev, kind), y_eval)
+            put(f"cls_acc_{kind}", accuracy(model, variables, joint_of(v_ev, kind), y_eval))
             if kind.startswith("joint"):
-                metrics[f"cls_acc_{kind}_gt_parts"] = accuracy(
-                    model, variables, joint_of(v_ev_gt, kind), y_eval
+                put(
+                    f"cls_acc_{kind}_gt_parts",
+                    accuracy(model, variables, joint_of(v_ev_gt, kind), y_eval),
                 )
             if kind == "joint_bilinear":
                 jb_model, jb_vars = model, variables
         model, variables, _ = train_classifier("keypoint_features", kf_tr, "gap")
-        metrics["cls_acc_keypoint_features"] = accuracy(model, variables, kf_ev, y_eval)
+        put("cls_acc_keypoint_features", accuracy(model, variables, kf_ev, y_eval))
 
         # stage 4: fine-tune the classification net's layers after cls.start_at through the
         # coordinate transfer (ground-truth parts), joint bilinear classifier
         if config.cls_ft.enabled:
-            metrics["cls_acc_joint_bilinear_stage3"] = metrics["cls_acc_joint_bilinear"]
+            for pre in ("", *((rep_prefix,) if rep_mask is not None else ())):
+                metrics[f"{pre}cls_acc_joint_bilinear_stage3"] = metrics[
+                    f"{pre}cls_acc_joint_bilinear"
+                ]
             shape = (1, *tr_maps.shape[1:])
             late, early = stages.late_backbone_params(
                 p.model,
@@ -1001,21 +1145,25 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
                         config.cls_ft.batch_size,
                     )
                 )
-                metrics[f"cls_acc_joint_bilinear{tag}"] = float(
-                    np.mean(np.argmax(logits, -1) == y_eval)
-                )
+                put(f"cls_acc_joint_bilinear{tag}", np.argmax(logits, -1) == y_eval)
 
     metrics.update(
         {
             "n_images": len(evals),
             "n_train": len(train),
-            "n_classes": n_cls,
+            "n_classes": len(classes),
             "eval_split": config.eval_split,
             "backbone": config.backbone,
             "input_size": size,
             "decoder": chosen,
         }
     )
+    if rep_mask is not None:
+        metrics[f"{rep_prefix}n_images"] = int(rep_mask.sum())
+    if design is not None:
+        metrics["design.n_images"] = len(design)
+    if config.metric_prefix:
+        metrics = {f"{config.metric_prefix}{k}": v for k, v in metrics.items()}
     for k, v in seconds.items():
         metrics[f"seconds.{k}"] = round(v, 1)
     metrics["seconds.total_run"] = round(time.perf_counter() - t_start, 1)

@@ -177,3 +177,105 @@ def test_paper_vgg16_tiny_runs(shared_data, tmp_path):
         assert k in m, k
     info = json.loads(next((tmp_path / "stages").glob("1_keypoints-*/stage.json")).read_text())
     assert info["layers"] == ["pool5"] and info["backbone"] == "vgg16_lpips"
+
+
+# ------------------------------------------------------------- class-disjoint protocol (issue 18)
+def test_class_disjoint_splits_keep_the_class_sets_apart(cub_dir):
+    ann = cub.read_cub(cub_dir)
+    c = configs.get_config("class_disjoint")
+    exp.validate_config(c)
+    s = exp._splits(ann, c)
+    train, test = ann.split("train"), ann.split("test")
+    # positions index the whole official splits (so a run on every class shares its caches)
+    assert s["train"][0] is not None and len(s["train"][0]) == len(train)
+    assert len(s["eval"][0]) == len(test) and len(s["design"][0]) == len(train)
+    labels = {r: base.labels[idx] + 1 for r, (base, idx) in s.items()}
+    assert set(labels["train"]) == set(labels["eval"]) == set(cub.SCORE_CLASSES)
+    assert set(labels["design"]) == set(cub.DESIGN_CLASSES)
+    assert len(s["train"][1]) == int(np.isin(train.labels + 1, cub.SCORE_CLASSES).sum())
+    assert len(s["eval"][1]) == int(np.isin(test.labels + 1, cub.SCORE_CLASSES).sum())
+    # design_val: a train/val split of the design classes' training images only
+    v = exp._splits(ann, configs.get_config("design_val"))
+    assert v["eval"][0] is v["train"][0] and "design" not in v
+    assert not set(v["train"][1]) & set(v["eval"][1])
+    for r in ("train", "eval"):
+        assert set(v[r][0].labels[v[r][1]] + 1) == set(cub.DESIGN_CLASSES)
+    n = int(np.isin(train.labels + 1, cub.DESIGN_CLASSES).sum())
+    assert len(v["train"][1]) + len(v["eval"][1]) == n
+
+
+def test_class_options_are_checked():
+    c = configs.get_config("class_disjoint")
+    c.design_classes = "score"
+    with pytest.raises(ValueError, match="config.design_classes: must differ"):
+        exp.validate_config(c)
+    c = configs.get_config()
+    c.design_classes = "design"
+    with pytest.raises(ValueError, match="config.design_classes: needs classes"):
+        exp.validate_config(c)
+    c.classes = "birds"
+    with pytest.raises(ValueError, match="config.classes: must be one of"):
+        exp.validate_config(c)
+
+
+def test_feature_reuse_serves_a_subset_of_a_whole_chunk_read_only(tmp_path):
+    from fgloc.cache import digest, save_npz
+
+    @dataclasses.dataclass
+    class Base:
+        paths: list
+
+    c = configs.get_config("smoke")
+    c.extract_batch = 2  # chunks of 8 images
+    base = Base([f"/x/im{i:02d}.jpg" for i in range(12)])
+    reuse, own = tmp_path / "reuse", tmp_path / "own"
+    reuse.mkdir()
+    key = {
+        "backbone": c.backbone,
+        "size": c.input_size,
+        "flip": False,
+        "layers": ["stage7"],
+        "stop": c.extract_stop,
+        "dtype": c.cache_dtype,
+        "files": [f"im{i:02d}.jpg" for i in range(8)],
+    }
+    maps = np.arange(8, dtype=np.float16).reshape(8, 1, 1, 1)
+    save_npz(reuse / "train_orig_00000.npz", {"__key__": np.asarray(digest(key)), "stage7": maps})
+    before = sorted(p.stat().st_mtime_ns for p in reuse.iterdir())
+    got = exp._extract(None, base, np.array([5, 2, 6]), c, ["stage7"], False, own, "train", reuse)
+    np.testing.assert_array_equal(got["stage7"].ravel(), [5, 2, 6])
+    assert sorted(p.stat().st_mtime_ns for p in reuse.iterdir()) == before
+    assert not own.exists()  # nothing computed, nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_class_disjoint_smoke_run(shared_data, tmp_path):
+    m = _run("class_disjoint_smoke", shared_data, tmp_path, "--config.report_classes=score")
+    d = "disjoint."
+    for k in KEYS:
+        if k != "seconds":
+            assert d + k in m, k
+    assert not any(k in m for k in ("pck@0.10", "cls_acc_joint"))  # every key prefixed
+    assert 0 <= m[d + "cls_part_threshold"] <= 1
+    for r in ("argmax", "soft_argmax+flip", "dark+flip"):
+        assert 0 <= m[f"{d}design.{r}.pck@0.10"] <= 1
+    assert m[d + "design.best_decoder_pck@0.05"] in {
+        k.split(".")[2] for k in m if k.startswith(d + "design.") and k.endswith("pck@0.05")
+    }
+    assert m[d + "design.n_images"] == 16
+    # every evaluation image is a score-class image: the report on those classes is the same
+    assert m[d + "score_classes.n_images"] == m[d + "n_images"]
+    for k in ("pck@0.10", "pcp_head", "cls_acc_joint", "ablation.floor.pck@0.05"):
+        assert m[f"{d}score_classes.{k}"] == m[d + k], k
+    # no score-class image reaches the design steps, no design-class image training or scoring
+    roles = json.loads((tmp_path / "images.json").read_text())
+    assert set(roles["train"]["classes"]) <= set(cub.SCORE_CLASSES)
+    assert set(roles["eval"]["classes"]) <= set(cub.SCORE_CLASSES)
+    assert set(roles["design"]["classes"]) <= set(cub.DESIGN_CLASSES)
+    assert m[d + "n_classes"] == len(set(roles["train"]["classes"]))
+    files = {r: set(v["files"]) for r, v in roles.items()}
+    assert not files["design"] & (files["train"] | files["eval"])
+    for p in (tmp_path / "stages").glob("*/stage.json"):
+        text = p.read_text()
+        assert not any(f in text for f in files["design"]), p.parent.name
