@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments.benchmark_peers import (
+from experiments.common_bench import (
     boxes_cv2,
     boxes_scipy,
     load_photos,

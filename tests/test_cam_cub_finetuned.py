@@ -93,7 +93,13 @@ def test_finetuned_presets():
     assert (c.method, c.backbone, c.input_size, c.box.tune) == (
         "finetuned", "efficientnet_lite0", 224, False,
     )  # fmt: skip
-    assert c.finetune.start_at == "stage5" and c.finetune.width == 1024
+    assert c.finetune.start_at == "stage5" and c.finetune.width == 256  # the CPU budget's width
+    h = configs.get("cam_cub", "paper_finetuned_head")
+    assert (h.input_size, h.finetune.cut, h.finetune.start_at, h.finetune.width) == (
+        448, "pre_pool", "stage6", 0,
+    )  # fmt: skip
+    assert configs.get("cam_cub", "paper_finetuned_head_disjoint").class_disjoint
+    assert configs.get("cam_cub", "paper_finetuned_vgg16").finetune.width == 1024
     assert (
         not c.class_disjoint and configs.get("cam_cub", "paper_finetuned_disjoint").class_disjoint
     )
