@@ -20,4 +20,6 @@ ruff format --check .
 echo "== pyright"
 pyright
 echo "== pytest"
-python -m pytest -q "$@"
+# Two workers by default (CI has 2 cores; XLA compilation and the CLI subprocess tests are
+# single-threaded), one test file per worker so module fixtures are built once.
+python -m pytest -q -n "${FGLOC_TEST_WORKERS:-2}" --dist loadfile "$@"
