@@ -246,36 +246,3 @@ def test_feature_reuse_serves_a_subset_of_a_whole_chunk_read_only(tmp_path):
     np.testing.assert_array_equal(got["stage7"].ravel(), [5, 2, 6])
     assert sorted(p.stat().st_mtime_ns for p in reuse.iterdir()) == before
     assert not own.exists()  # nothing computed, nothing written
-
-
-@pytest.mark.slow
-@pytest.mark.real_data
-def test_class_disjoint_smoke_run(shared_data, tmp_path):
-    m = _run("class_disjoint_smoke", shared_data, tmp_path, "--config.report_classes=score")
-    d = "disjoint."
-    for k in KEYS:
-        if k != "seconds":
-            assert d + k in m, k
-    assert not any(k in m for k in ("pck@0.10", "cls_acc_joint"))  # every key prefixed
-    assert 0 <= m[d + "cls_part_threshold"] <= 1
-    for r in ("argmax", "soft_argmax+flip", "dark+flip"):
-        assert 0 <= m[f"{d}design.{r}.pck@0.10"] <= 1
-    assert m[d + "design.best_decoder_pck@0.05"] in {
-        k.split(".")[2] for k in m if k.startswith(d + "design.") and k.endswith("pck@0.05")
-    }
-    assert m[d + "design.n_images"] == 16
-    # every evaluation image is a score-class image: the report on those classes is the same
-    assert m[d + "score_classes.n_images"] == m[d + "n_images"]
-    for k in ("pck@0.10", "pcp_head", "cls_acc_joint", "ablation.floor.pck@0.05"):
-        assert m[f"{d}score_classes.{k}"] == m[d + k], k
-    # no score-class image reaches the design steps, no design-class image training or scoring
-    roles = json.loads((tmp_path / "images.json").read_text())
-    assert set(roles["train"]["classes"]) <= set(cub.SCORE_CLASSES)
-    assert set(roles["eval"]["classes"]) <= set(cub.SCORE_CLASSES)
-    assert set(roles["design"]["classes"]) <= set(cub.DESIGN_CLASSES)
-    assert m[d + "n_classes"] == len(set(roles["train"]["classes"]))
-    files = {r: set(v["files"]) for r, v in roles.items()}
-    assert not files["design"] & (files["train"] | files["eval"])
-    for p in (tmp_path / "stages").glob("*/stage.json"):
-        text = p.read_text()
-        assert not any(f in text for f in files["design"]), p.parent.name
