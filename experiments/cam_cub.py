@@ -333,6 +333,21 @@ def svm_raw_weights(clf: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- experiment
 
 
+def _load_splits(config: Any, data_dir: str | pathlib.Path) -> tuple[pathlib.Path, Any, Any]:
+    """The CUB folder and the train / test annotations the config selects (classes, then images)."""
+    from fgloc.data.cub import read_cub
+
+    root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
+    ann = read_cub(root)
+    if config.data.max_classes:
+        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.data.max_classes].max() + 1)
+    train = ann.split("train")
+    test = ann.split("test")
+    train = train.subset(_subset(len(train), config.data.max_train, config.seed))
+    test = test.subset(_subset(len(test), config.data.max_test, config.seed))
+    return root, train, test
+
+
 def _subset(n: int, limit: int, seed: int) -> np.ndarray:
     if not limit or limit >= n:
         return np.arange(n)
@@ -344,18 +359,10 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         return run_finetuned(config, data_dir, workdir)
     if config.method != "frozen":
         raise ValueError(f"method must be 'frozen' or 'finetuned', got {config.method!r}")
-    from fgloc.data.cub import read_cub
     from fgloc.localize.boxes import boxes_in_image
     from fgloc.pretrained import pretrained
 
-    root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
-    ann = read_cub(root)
-    if config.data.max_classes:
-        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.data.max_classes].max() + 1)
-    train = ann.split("train")
-    test = ann.split("test")
-    train = train.subset(_subset(len(train), config.data.max_train, config.seed))
-    test = test.subset(_subset(len(test), config.data.max_test, config.seed))
+    root, train, test = _load_splits(config, data_dir)
     p = pretrained(config.backbone)
     layers = tuple(config.cam_layers)
     forward = make_forward(p, layers)
@@ -781,21 +788,13 @@ def _batched_eval(fn: Callable[..., Any], variables: Any, maps: np.ndarray, labe
 
 def run_finetuned(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str, Any]:
     """The fine-tuned GAP network on CUB (``method = "finetuned"``): see the module docstring."""
-    from fgloc.data.cub import read_cub
     from fgloc.localize.boxes import boxes_in_image
     from fgloc.metrics import box_hits, iou
     from fgloc.pretrained import pretrained
     from fgloc.train.gap_finetune import finetune, gap_variant
 
     ft = config.finetune
-    root = common.resolve_data_dir(data_dir, "CUB_200_2011", ("images.txt",))
-    ann = read_cub(root)
-    if config.data.max_classes:
-        ann = ann.subset(ann.labels < np.unique(ann.labels)[: config.data.max_classes].max() + 1)
-    train = ann.split("train")
-    test = ann.split("test")
-    train = train.subset(_subset(len(train), config.data.max_train, config.seed))
-    test = test.subset(_subset(len(test), config.data.max_test, config.seed))
+    root, train, test = _load_splits(config, data_dir)
     p = pretrained(config.backbone)
     size, bs = int(config.input_size), int(config.batch_size)
     start = str(ft.start_at)

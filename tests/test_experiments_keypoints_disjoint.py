@@ -9,19 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_experiments_keypoints import KEYS  # the run's metric keys, one list
+from test_experiments_keypoints import KEYS, _run  # one run helper, one key list
 
-from experiments import keypoint_fcn_cub as exp
-from experiments.configs import keypoint_fcn_cub as configs
 from fgloc.data import cub
-
-
-def _run(preset, shared_data, workdir, *overrides):
-    from experiments import common
-
-    argv = ["--config", f"{configs.__file__}:{preset}", "--workdir", str(workdir)]
-    argv += ["--data_dir", str(shared_data), *overrides]
-    return common.main(exp.run, argv)
 
 
 @pytest.mark.slow
