@@ -1,7 +1,8 @@
 """Strict test environment (house style, after equinox's conftest).
 
 * 4 virtual CPU devices, so sharding / data-parallel code runs on CPU;
-* a fresh ``FGLOC_CACHE`` (converted weights) per session;
+* a fresh ``FGLOC_CACHE`` (converted weights) and XLA compilation cache per run, shared by the
+  xdist workers and the subprocesses;
 * implicit rank promotion raises;
 * warnings are errors unless filtered in pyproject.toml with a reason;
 * skips cannot hide failures in CI (issue 13). Under ``CI=true`` a test whose cause for skipping
@@ -28,15 +29,38 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-# A fresh converted-weight cache per test session (inherited by subprocesses), so a test never
-# reads a conversion made by older code (issue 13, defect 3).
-os.environ["FGLOC_CACHE"] = tempfile.mkdtemp(prefix="fgloc-test-cache-")
 
-import jax
-import pytest
+
+# One fresh directory per test run, shared by its xdist workers (they share the run's
+# ``PYTEST_XDIST_TESTRUNUID``) and inherited by the subprocesses the tests start.
+os.environ.setdefault(
+    "FGLOC_TEST_RUN_DIR",
+    os.path.join(tempfile.gettempdir(), f"fgloc-test-run-{os.environ['PYTEST_XDIST_TESTRUNUID']}")
+    if os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    else tempfile.mkdtemp(prefix="fgloc-test-run-"),
+)
+os.makedirs(os.environ["FGLOC_TEST_RUN_DIR"], exist_ok=True)
+# A fresh converted-weight cache per test run (inherited by subprocesses), so a test never
+# reads a conversion made by older code (issue 13, defect 3); cache writes are atomic
+# (`fgloc.cache.save_npz`), so the workers fill it together and each weight converts once.
+os.environ["FGLOC_CACHE"] = os.path.join(os.environ["FGLOC_TEST_RUN_DIR"], "fgloc-cache")
+# A fresh persistent XLA compilation cache per run, likewise shared: the same program built by
+# two tests, two workers or a CLI subprocess compiles once (about half of a smoke experiment's
+# time is compilation). Its key covers the program, the XLA flags and the jax version.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+    os.environ["FGLOC_TEST_RUN_DIR"], "xla-cache"
+)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.05"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402  (after the environment above, which jax reads at import)
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
