@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import missing
+from conftest import TEST_XLA_FLAGS, missing
 from PIL import Image
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,11 +27,12 @@ FGLOC = pathlib.Path(sys.executable).with_name("fgloc")
 
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "FGLOC_CACHE"}
+    env = {k: v for k, v in os.environ.items() if k != "FGLOC_CACHE"}  # compilation cache kept
     env["FGLOC_CACHE"] = str(tmp_path_factory.mktemp("fgloc_cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    if env.get("XLA_FLAGS") == "--xla_force_host_platform_device_count=4":
-        del env["XLA_FLAGS"]  # conftest's virtual devices: a user's shell has none
+    if env.get("XLA_FLAGS") == TEST_XLA_FLAGS:
+        # conftest's virtual devices: a user's shell has none (its -O0 stays: compile time)
+        env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     return env
 
 

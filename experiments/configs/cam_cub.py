@@ -190,6 +190,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
             c.finetune.batch_size = 8
             c.finetune.checkpoint_every = 4
             c.finetune.eval_batch_size = 8
+            c.finetune.num_devices = 1  # the tests' run (see keypoint_fcn_cub's smoke preset)
             c.batch_size = 8
             c.num_figure = 0
             c.progress = False

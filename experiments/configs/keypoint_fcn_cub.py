@@ -158,10 +158,15 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.cls_ft.steps = 3
         c.cls_ft.batch_size = 4
         c.extra.steps = 3
+        c.extra.heads = ("paper_setting", "floor")  # paper_stride16 is the same code path
         c.extra.floor_head = _head((16, 16))
         c.window = 3
         c.num_figure = 2
         c.progress = False
+        # the tests' runs: data-parallel over 2 devices (the smoke run; tests/test_train.py and
+        # test_distributed.py cover more), 1 for the protocol check; on the tests' 4 virtual CPU
+        # devices every step's replicated work runs once per device on 2 real cores
+        c.num_devices = 2 if name == "smoke" else 1
     elif name in ("paper_vgg16", "paper_vgg16_tiny"):
         c.backbone = "vgg16_lpips"
         c.input_size = 500
@@ -207,6 +212,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
             c.progress = False
             c.window = 1
             c.cls.pool_size = 1
+            c.num_devices = 1  # the tests' run (see the smoke preset)
     elif name == "vgg16_cpu":
         c.backbone = "vgg16_lpips"
         c.input_size = 320
