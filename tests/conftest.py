@@ -191,11 +191,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     _enforce(outcome.get_result())
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with a ``slow`` test first (stable otherwise): the xdist workers take whole files
-    in this order (``--dist loadfile``), so the long smoke runs start early and the many short
-    files fill the end instead of one long file running alone at the end of the run."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
