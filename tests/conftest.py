@@ -61,9 +61,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# the same settings in this process, in case a plugin imported jax before the lines above ran
+for _var, _type in (
+    ("JAX_COMPILATION_CACHE_DIR", str),
+    ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", float),
+    ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", int),
+):
+    jax.config.update(_var.lower(), _type(os.environ[_var]))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
