@@ -138,12 +138,14 @@ def test_alexnet_pool_is_differentiable():
     def f(z):
         return p.model.apply(p.variables, z)[1]["pool5"][..., 3].sum()
 
-    g = jax.grad(f)(x)
+    # jitted: one program each instead of op-by-op dispatch of the whole network
+    g = jax.jit(jax.grad(f))(x)
     assert g.shape == x.shape and bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
     # Finite-difference check along the gradient direction (piecewise-linear network).
     d = g / jnp.linalg.norm(g)
     eps = 1e-3
-    fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+    fj = jax.jit(f)
+    fd = (fj(x + eps * d) - fj(x - eps * d)) / (2 * eps)
     np.testing.assert_allclose(fd, jnp.vdot(g, d), rtol=2e-2)
 
 
@@ -164,11 +166,20 @@ def test_layer_output_stops_early_and_matches_the_full_trunk(make, layer, size):
 
     model = make()
     x = jax.random.normal(jax.random.key(0), (1, size, size, 3))
-    variables = model.init(jax.random.key(1), x, method=model.features)
-    _, full = model.apply(variables, x, method=model.features)
-    out, part = model.apply(variables, x, False, layer, method=model.features)
-    assert list(part)[-1] == layer and len(part) < len(full)
+    # jitted, the three calls in one program (instead of op-by-op dispatch); a jitted dict
+    # comes back with sorted keys, so the order the layers ran in is recorded while tracing
+    variables = jax.jit(lambda k, x: model.init(k, x, method=model.features))(jax.random.key(1), x)
+    order: list[str] = []
+
+    def calls(v, x):
+        _, full = model.apply(v, x, method=model.features)
+        out, part = model.apply(v, x, False, layer, method=model.features)
+        order.extend(part)
+        return full, out, part, layer_output(model, v, x, layer)
+
+    full, out, part, got = jax.jit(calls)(variables, x)
+    assert order[-1] == layer and len(part) < len(full)
     np.testing.assert_allclose(out, full[layer], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(layer_output(model, variables, x, layer), full[layer], rtol=1e-6)
+    np.testing.assert_allclose(got, full[layer], rtol=1e-6)
     with pytest.raises(KeyError, match="no layer 'nope'"):
         layer_output(model, variables, x, "nope")
