@@ -43,6 +43,7 @@ Command::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -276,6 +277,24 @@ def _to_original(xy: np.ndarray, sizes: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out).astype(np.float64)
 
 
+@functools.lru_cache(maxsize=8)
+def _feature_fn(model: Any, preprocess: Any, stop: str, layers: tuple[str, ...]) -> Any:
+    """The jitted backbone pass ``(variables, raw uint8 images) -> {layer: map}`` (one compiled
+    program for every extraction of a run)."""
+
+    def fn(v: Any, x: Any) -> dict[str, Any]:
+        inter = model.apply(v, preprocess(x), False, stop, method=model.features)[1]
+        return {k: val for k, val in inter.items() if k in layers}
+
+    return jax.jit(fn)
+
+
+def _init(model: Any, key: jax.Array, *args: Any, method: Any = None) -> Any:
+    """``model.init(key, *args, method=method)`` jitted (one program instead of op-by-op
+    dispatch; the same values: random initialisers draw the same bits either way)."""
+    return jax.jit(lambda k: model.init(k, *args, method=method))(key)
+
+
 def _extract(
     p: Any,
     base: Any,
@@ -303,15 +322,6 @@ def _extract(
 
     size, bs = config.input_size, config.extract_batch
     stop = config.extract_stop
-    fwd = jax.jit(
-        lambda v, x: {
-            k: val
-            for k, val in p.model.apply(v, p.preprocess(x), False, stop, method=p.model.features)[
-                1
-            ].items()
-            if k in layers
-        }
-    )
     chunk = 4 * bs
     out: dict[str, list[np.ndarray]] = {k: [] for k in layers}
     paths = np.asarray(base.paths)
@@ -353,6 +363,7 @@ def _extract(
 
         def compute(files: list[str] = files) -> dict[str, np.ndarray]:
             res: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+            fwd = _feature_fn(p.model, p.preprocess, stop, tuple(layers))
             for i in range(0, len(files), bs):
                 imgs, _ = load_resized(files[i : i + bs], size)
                 if flip:
@@ -415,12 +426,12 @@ def _heatmaps(
     """Heatmap logits ``(N, h, w, P)`` (and the GAP of the fused map) of a keypoint model."""
     from fgloc.train.keypoints import _fcn_forward
 
-    @jax.jit
-    def fn(batch):
-        logits, inter = model.apply(variables, batch, start_at, stop_at, False, method=_fcn_forward)
+    @jax.jit  # the variables an argument, not constants folded into the program
+    def fn(v, batch):
+        logits, inter = model.apply(v, batch, start_at, stop_at, False, method=_fcn_forward)
         return (logits, jnp.mean(inter["fused"], axis=(1, 2)) if want_fused else logits[:, 0, 0])
 
-    logits, fused = _concat(_batched(fn, maps, bs))
+    logits, fused = _concat(_batched(functools.partial(fn, variables), maps, bs))
     return logits, (fused if want_fused else None)
 
 
@@ -631,7 +642,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             score_bias_init=bias,
         )
         sample = {k: jnp.asarray(feats["train", False][k][:1], jnp.float32) for k in layers}
-        params = model.init(jax.random.key(config.seed), sample, method=model.from_features)[
+        params = _init(model, jax.random.key(config.seed), sample, method=model.from_features)[
             "params"
         ]
         cfg = {
@@ -893,9 +904,11 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         from fgloc.train.keypoints import _joint_forward, _late_features
 
         sample = {cls_start: jnp.zeros((1, *feats["train", False][cls_start].shape[1:]))}
-        sample_map = p.model.apply(
-            p.variables, sample[cls_start], False, None, start_at=cls_start, method="features"
-        )[1][part_layer]
+        sample_map = jax.jit(
+            lambda v, x: p.model.apply(v, x, False, None, start_at=cls_start, method="features")[1][
+                part_layer
+            ]
+        )(p.variables, sample[cls_start])
         part_w = int(sample_map.shape[2])
         part_stride = _stride(size, part_w)
         z_cells = jnp.zeros((1, NUM_PARTS, 2))
@@ -903,8 +916,13 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         pooling = {}
         for kind in ("gap", config.cls.bilinear):
             m = joint_model(kind)
-            v = m.init(
-                jax.random.key(0), {part_layer: sample_map}, z_cells, z_vis, method=m.from_features
+            v = _init(
+                m,
+                jax.random.key(0),
+                {part_layer: sample_map},
+                z_cells,
+                z_vis,
+                method=m.from_features,
             )
             pooling[kind] = (m, v)
 
@@ -912,8 +930,8 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             """Fixed-feature vectors per image (the coordinate transfer of the fixed part map at
             ``kp``, and the holistic features): ``parts`` (P·C), ``gap`` (C), ``bil`` (D)."""
 
-            @jax.jit
-            def fn(batch):
+            @jax.jit  # the variables arguments, not constants folded into the program
+            def fn(bb_vars, pooling_vars, batch):
                 f = joint_model("gap").apply(
                     bb_vars,
                     {cls_start: batch["maps"]},
@@ -924,14 +942,20 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
                 pl = {part_layer: f[part_layer]}
                 cells = kpt.pixels_to_cells(batch["kp"], part_stride)
                 out = {}
-                for kind, (m, v) in pooling.items():
+                for kind, (m, _) in pooling.items():
+                    v = pooling_vars[kind]
                     _, inter = m.apply(v, pl, cells, batch["vis"], method=m.from_features)
                     out["gap" if kind == "gap" else "bil"] = inter["holistic"]
                     out["parts"] = inter["parts"].reshape(len(cells), -1)
                 return out
 
+            pooling_vars = {kind: v for kind, (_, v) in pooling.items()}
             return _concat(
-                _batched(fn, {"maps": maps, "kp": kp, "vis": vis}, config.cls.batch_size)
+                _batched(
+                    functools.partial(fn, bb_vars, pooling_vars),
+                    {"maps": maps, "kp": kp, "vis": vis},
+                    config.cls.batch_size,
+                )
             )
 
         tr_maps = feats["train", False][cls_start]
@@ -994,7 +1018,8 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             tag: str, x_tr: np.ndarray, holistic: str
         ) -> tuple[JointClassifier, dict, Any]:
             model = joint_model(holistic)
-            params = model.init(
+            params = _init(
+                model,
                 jax.random.key(config.seed),
                 {"joint": jnp.zeros((1, x_tr.shape[1]))},
                 None,
@@ -1042,10 +1067,14 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         def accuracy(model, variables, x: np.ndarray, y: np.ndarray) -> np.ndarray:
             """Per evaluation image: is the top class right."""
             fn = jax.jit(
-                lambda b: model.apply(variables, b, None, None, None, False, method=_joint_forward)
+                lambda v, b: model.apply(v, b, None, None, None, False, method=_joint_forward)
             )
             logits = _concat(
-                _batched(lambda b: fn(b), {"joint": x.astype(np.float32)}, config.cls.batch_size)
+                _batched(
+                    functools.partial(fn, variables),
+                    {"joint": x.astype(np.float32)},
+                    config.cls.batch_size,
+                )
             )
             return np.argmax(logits, -1) == y
 
@@ -1132,10 +1161,13 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
             )
             seconds["stage_4_classifier_finetune"] = res4.seconds
             v4 = {**frozen, "params": stages.merge_params(res4.params, frozen["params"])}
-            fn = jax.jit(
-                lambda b: jb_model.apply(
-                    v4, b, cls_start, cls_stop, part_stride, False, method=_joint_forward
-                )
+            fn = functools.partial(
+                jax.jit(
+                    lambda v, b: jb_model.apply(
+                        v, b, cls_start, cls_stop, part_stride, False, method=_joint_forward
+                    )
+                ),
+                v4,
             )
             for tag, kp_, vis_ in (("", best["xy"], vis_pred), ("_gt_parts", kp_ev, vis_ev)):
                 logits = _concat(

@@ -96,7 +96,7 @@ class KeypointPredictor:
             )
         if self.flip_test:
             self._perm = kpt.flip_permutation(self.part_names)
-        self._forward = jax.jit(lambda v, x: self.model.apply(v, x)[0])
+        self._forward = jax.jit(self._heatmaps_of)
 
     # ---------------------------------------------------------------------------- files
     def config(self) -> dict[str, Any]:
@@ -230,13 +230,16 @@ class KeypointPredictor:
     def heatmaps(self, batch_uint8: np.ndarray) -> np.ndarray:
         """Heatmap logits ``(B, h, w, P)`` of squashed photos ``uint8 (B, S, S, 3)`` (flip test
         applied when on)."""
-        pre = self._preprocess()
-        x = jnp.asarray(pre(jnp.asarray(batch_uint8)), jnp.float32)
-        z = self._forward(self.variables, x)
+        return np.asarray(self._forward(self.variables, jnp.asarray(batch_uint8)))
+
+    def _heatmaps_of(self, variables: Any, batch_uint8: jax.Array) -> jax.Array:
+        """:meth:`heatmaps` as one traced function (jitted in ``__post_init__``)."""
+        x = jnp.asarray(self._preprocess()(batch_uint8), jnp.float32)
+        z = self.model.apply(variables, x)[0]
         if self.flip_test:
-            zf = self._forward(self.variables, x[:, :, ::-1, :])
+            zf = self.model.apply(variables, x[:, :, ::-1, :])[0]
             z = kpt.flip_test_average(z, zf, self._perm)
-        return np.asarray(z)
+        return z
 
     def predict_keypoints(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Part locations of each photo.

@@ -38,6 +38,7 @@ All functions are pure, batch-first and jittable (static arguments: ``stride``, 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -457,13 +458,29 @@ def decode_dark(
     return Decoded(cells_to_pixels(cells, stride), conf)
 
 
+_DECODE_FNS = {"argmax": decode_argmax, "soft_argmax": decode_soft_argmax, "dark": decode_dark}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_decoder(method: str, stride: tuple[float, float], options: tuple) -> Any:
+    return jax.jit(functools.partial(_DECODE_FNS[method], stride=stride, **dict(options)))
+
+
 def decode(logits: Any, stride: Stride, method: str = "argmax", **kwargs: Any) -> Decoded:
     """Dispatch to :func:`decode_argmax` / :func:`decode_soft_argmax` / :func:`decode_dark`
-    (``method`` in :data:`DECODERS`); ``kwargs`` go to the chosen decoder."""
-    fns = {"argmax": decode_argmax, "soft_argmax": decode_soft_argmax, "dark": decode_dark}
-    if method not in fns:
+    (``method`` in :data:`DECODERS`); ``kwargs`` go to the chosen decoder.
+
+    Jitted: one compiled program per ``(method, stride, kwargs)`` (called eagerly, a decoder is
+    dozens of single-op dispatches, each compiled on first use); the option checks raise the
+    same errors while tracing."""
+    if method not in _DECODE_FNS:
         raise ValueError(f"method must be one of {DECODERS}, got {method!r}")
-    return fns[method](logits, stride, **kwargs)
+    options = tuple(sorted(kwargs.items()))
+    try:
+        hash(options)
+    except TypeError:  # an unhashable option value: no cached program, run it as given
+        return _DECODE_FNS[method](logits, stride, **kwargs)
+    return _compiled_decoder(method, _stride_xy(stride), options)(logits)
 
 
 # ------------------------------------------------------------------------------------ flip test
