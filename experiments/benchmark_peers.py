@@ -329,8 +329,9 @@ def _torch_sections(
     with torch.no_grad():
         lt = wrapped(xt_all[:4]).numpy()
         ft = trunk(xt_all[:4]).numpy().transpose(0, 2, 3, 1)
-    lj = np.asarray(logits_fn(jnp.asarray(x_all[:4])))
-    fj = np.asarray(layer_fn(jnp.asarray(x_all[:4])))
+    # jitted (eagerly, a whole network is hundreds of single-op dispatches)
+    lj = np.asarray(jax.jit(logits_fn)(jnp.asarray(x_all[:4])))
+    fj = np.asarray(jax.jit(layer_fn)(jnp.asarray(x_all[:4])))
     results["model_parity"] = {
         "logits_max_abs_diff": float(np.abs(lj - lt).max()),
         f"{config.layer}_max_abs_diff": float(np.abs(fj - ft).max()),
@@ -814,8 +815,15 @@ def _layer_costs(
     excluded); ``efficiency`` is that layer's forward FLOPs × ``n`` over (seconds × the run's
     convolution throughput ``gflops``).
     """
-    _, inter = model.apply(variables, x, method=model.features, stop_at=layer)
-    names = [k for k in inter if k != "pre_pool"]
+    ran: list[str] = []  # the layers in the order they run (abstractly: nothing computed)
+
+    def record(z: jax.Array) -> jax.Array:
+        out, inter = model.apply(variables, z, method=model.features, stop_at=layer)
+        ran.extend(inter)
+        return out
+
+    jax.eval_shape(record, x)
+    names = [k for k in ran if k != "pre_pool"]
     names = names[: names.index(layer) + 1] if layer in names else names
     rng = np.random.default_rng(0)
     prev_s, prev_flops, out = 0.0, 0.0, []

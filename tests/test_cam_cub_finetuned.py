@@ -21,24 +21,27 @@ from fgloc.train import gap_finetune
 def _lite0_gap(size=32, width=8, classes=3):
     model = GAPNet(EfficientNetLite(), cut="stage5", num_classes=classes, width=width)
     x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-    return model, model.init(jax.random.key(0), x), x
+    # jitted here and below: one program per call instead of op-by-op dispatch
+    return model, jax.jit(lambda k, x: model.init(k, x))(jax.random.key(0), x), x
 
 
 def _maps(model, variables, x, layer):
     def fn(m, x):
         return m.backbone.features(x, train=False, stop_at=layer)[1][layer]
 
-    out: Any = model.apply(variables, x, method=fn)
+    out: Any = jax.jit(lambda v, x: model.apply(v, x, method=fn))(variables, x)
     return out
 
 
 def test_apply_from_any_start_is_the_whole_network_and_late_params_are_exact():
     model, variables, x = _lite0_gap()
-    full: Any = model.apply(variables, x)
+    full: Any = jax.jit(model.apply)(variables, x)
     ref, ref_new = full
     for start in (None, "block9", "stage5"):
         inp = x if start is None else _maps(model, variables, x, start)
-        logits, new = gap_finetune.apply_from(model, variables, inp, start)
+        logits, new = jax.jit(
+            lambda v, z, start=start: gap_finetune.apply_from(model, v, z, start)
+        )(variables, inp)
         np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(new["pre_pool"], ref_new["pre_pool"], rtol=1e-4, atol=1e-5)
     h9 = _maps(model, variables, x, "block9")

@@ -186,8 +186,9 @@ def test_gap_variant_of_embedded_lite0_reproduces_its_classifier():
     params = {**v.variables["params"], "classifier": p.variables["params"]["classifier"]}
     variables = {**v.variables, "params": params}
     x = p.preprocess(np.random.default_rng(0).integers(0, 256, (1, 96, 96, 3)))
-    logits, inter = v.model.apply(variables, x)
-    ref, ref_inter = p.model.apply(p.variables, x)
+    # jitted: one program per network instead of op-by-op dispatch
+    logits, inter = jax.jit(v.model.apply)(variables, x)
+    ref, ref_inter = jax.jit(p.model.apply)(p.variables, x)
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(inter["pre_pool"], ref_inter["pre_pool"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no default cut"):

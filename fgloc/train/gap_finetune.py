@@ -79,7 +79,8 @@ def gap_variant(
     x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
     h = jax.eval_shape(lambda v: p.model.apply(v, x, method=p.model.features)[1][cut], p.variables)  # pyright: ignore[reportIndexIssue]
     h0 = jnp.zeros(h.shape, h.dtype)
-    fresh = model.init(jax.random.key(seed), h0, method=model.from_cut)
+    # jitted: one program (the same values as eager init), not one dispatch per op
+    fresh = jax.jit(lambda k: model.init(k, h0, method=model.from_cut))(jax.random.key(seed))
     variables: dict[str, Any] = {"params": {**fresh["params"], "backbone": p.variables["params"]}}
     for col, tree in p.variables.items():
         if col != "params":

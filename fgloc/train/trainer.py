@@ -83,12 +83,13 @@ class TrainState:
 def create_train_state(
     params: Any, tx: optax.GradientTransformation, frozen: Any = None
 ) -> TrainState:
-    """A fresh state at step 0 with ``tx.init(params)``."""
+    """A fresh state at step 0 with ``tx.init(params)`` (jitted: one program, not one dispatch
+    per parameter)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         frozen={} if frozen is None else frozen,
-        opt_state=tx.init(params),
+        opt_state=jax.jit(tx.init)(params),
     )
 
 
