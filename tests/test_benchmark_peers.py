@@ -105,6 +105,16 @@ def test_tiny_run_agrees_and_reports(tmp_path) -> None:
         if has_cv2:
             assert agree["opencv_loop_same_box_fraction"] == 1.0
     assert summary["boxes_speedup_b256"] is not None  # against the scipy loop at least
+    # the forward pass alone (the bound of CAM): same logits, both timed
+    fwd = pairs["forward_b2"]
+    assert fwd["agreement"]["torch_eager"]["logits_max_abs_diff"] < 1e-3
+    assert fwd["agreement"]["torch_eager"]["same_top1_fraction"] == 1.0
+    assert set(fwd["timing"]) == {"fgloc", "torch_eager"}
+    assert summary["forward_speedup_b16"] == pytest.approx(
+        fwd["timing"]["fgloc"]["throughput_per_s"]
+        / fwd["timing"]["torch_eager"]["throughput_per_s"],
+        abs=1e-3,
+    )
     peer_loop = "opencv" if has_cv2 else "scipy_ndimage"
     if "torchcam" not in missing:
         a = pairs["cam_b2"]["agreement"]["torchcam_CAM"]
