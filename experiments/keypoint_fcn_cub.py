@@ -12,7 +12,7 @@ images, so an interruption loses one chunk). Then the four stages of §3.4 run w
    (``kp.layers``, fused at the finest stride), random init, flip augmentation from the cached
    mirrored maps (keypoints mirrored, left/right swapped);
 2. ``keypoints_finetune``: the backbone layers after ``kp_ft.start_at`` (recomputed from its
-   cached map; Lite0: ``stage7``) + the head, at a smaller rate, BatchNorm frozen;
+   cached map; Lite0 default: stages 6 and 7 from ``stage5``) + the head, at a smaller rate, BatchNorm frozen;
 3. ``classifier``: `JointClassifier` Dense layers on fixed features: the coordinate transfer of
    the fixed ``cls.part_layer`` map at the ground-truth parts and the holistic feature (GAP, or
    compact bilinear ``cls.bilinear``) are constants, computed once; five classifiers: holistic
@@ -23,8 +23,12 @@ images, so an interruption loses one chunk). Then the four stages of §3.4 run w
    coordinate transfer at a smaller rate, ground-truth parts.
 
 At test time, parts are the final keypoint model's predictions (decoded with ``decoder``,
-flip test when ``use_flip_test``); a part counts as visible for the classifier when its
-confidence is above a threshold chosen on the training images (the one that best separates
+flip test when ``use_flip_test``; with ``test_sizes`` the final net runs on the evaluation
+photos squashed to each size and the heatmaps are averaged on the ``input_size`` grid, the
+predictor's multi-scale test, with rows ``ablation.final_multiscale.size<t>.*`` for each size
+alone and each size's heatmaps cached under ``WORKDIR/multiscale/``); a part counts as visible
+for the classifier when its single-scale confidence is above a threshold chosen on the
+training images (the one that best separates
 visible from invisible annotated parts there). Keypoint metrics (`fgloc.metrics.pck`, `pcp`) are
 in original image pixels. ``ablation.<row>.pck@α`` rows come from the same trained models
 (decoders, flip test, stage 1 vs stage 2) and from cheap extra heads on the same cached maps
@@ -43,6 +47,7 @@ Command::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -134,6 +139,9 @@ def validate_config(config: Any, layer_names: Sequence[str] | None = None) -> No
         bad("kp.flip_augment", "needs flip_train (features of mirrored training images)")
     if config.use_flip_test and not config.flip_test:
         bad("use_flip_test", "needs flip_test (features of mirrored evaluation images)")
+    sizes = tuple(config.test_sizes)
+    if any(not isinstance(t, int) or t < 1 for t in sizes) or len(set(sizes)) != len(sizes):
+        bad("test_sizes", f"must be distinct positive input sizes (pixels), got {sizes}")
     unknown = sorted(set(config.extra.heads) - set(EXTRA_HEADS))
     if unknown:
         bad("extra.heads", f"unknown heads {unknown}; known: {EXTRA_HEADS}")
@@ -609,6 +617,13 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         raise ValueError("no keypoint is visible in any training image: nothing to learn")
     bs = config.batch_size
     width_of = {k: v.shape[2] for k, v in feats["train", False].items()}
+    finest_stride = size / max(width_of[k] for k in config.kp.layers)
+    off = [t for t in config.test_sizes if t % finest_stride]
+    if off:  # checked before any training: each scale's heatmap must cover its whole input
+        raise ValueError(
+            f"config.test_sizes: {off} are not multiples of the keypoint map's stride "
+            f"{finest_stride:g} (input_size {size})"
+        )
 
     # ------------------------------------------------------------------ keypoint heads
     def kp_arrays(layers: Sequence[str], flip: bool) -> tuple[dict, Any]:
@@ -744,6 +759,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
     # stage 2: fine-tune the layers after kp_ft.start_at + the head
     final_model, final_vars, rows_final = fcn1, var1, rows1
     final_start = final_stop = None
+    final_info = info1
     if config.kp_ft.enabled:
         start_at = config.kp_ft.start_at
         stop_at = names[max(names.index(x) for x in kp_layers)]
@@ -805,9 +821,53 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         final_model = fcn2
         final_vars = {**frozen, "params": stages.merge_params(res2.params, frozen["params"])}
         final_start, final_stop = start_at, stop_at
+        final_info = info2
         rows_final = evaluate_head(fcn2, final_vars, layers2, stride, act, start_at, stop_at)
 
+    def _make_predictor() -> KeypointPredictor:
+        return KeypointPredictor(
+            model=KeypointFCN(
+                backbone=p.model,
+                layers=final_model.layers,
+                head=final_model.head,
+                num_parts=NUM_PARTS,
+            ),
+            variables=_full_variables(final_vars, p.variables),
+            backbone=config.backbone,
+            input_size=size,
+            stride=stride,
+            decoder=config.decoder,
+            decoder_kwargs=_decoder_kwargs(config),
+            activation=act,
+            flip_test=bool(config.use_flip_test),
+            test_sizes=tuple(config.test_sizes),
+        )
+
+    predictor = _make_predictor()
     best = rows_final[chosen]
+    if config.test_sizes:
+        # multi-scale test: the final net on the evaluation photos squashed to each size
+        # (full network from the photos, not the cached maps), averaged on the input_size grid;
+        # the classifier's part visibility keeps the single-scale confidence its threshold is
+        # chosen on
+        rows_ms = _multiscale_rows(
+            predictor,
+            evals,
+            stride,
+            act,
+            config,
+            workdir / "multiscale",
+            final_info.config_digest,
+            seconds,
+        )
+        for r in rows_ms:
+            rows_ms[r]["metrics_rep"] = (
+                _keypoint_metrics(rows_ms[r]["pred"][rep_mask], evals.subset(rep_mask))
+                if rep_mask is not None
+                else {}
+            )
+        best = {**rows_ms["multiscale"], "conf": best["conf"]}
+        add_rows("final_multiscale", rows_ms, list(rows_ms))
     metrics.update(best["metrics"])
     metrics.update({f"{rep_prefix}{k}": v for k, v in best.get("metrics_rep", {}).items()})
     rows_design = None
@@ -860,22 +920,6 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
                 metrics[f"{name}.{k}"] = val
 
     # ----------------------------------------------------------------- predictor + figure
-    predictor = KeypointPredictor(
-        model=KeypointFCN(
-            backbone=p.model,
-            layers=final_model.layers,
-            head=final_model.head,
-            num_parts=NUM_PARTS,
-        ),
-        variables=_full_variables(final_vars, p.variables),
-        backbone=config.backbone,
-        input_size=size,
-        stride=stride,
-        decoder=config.decoder,
-        decoder_kwargs=_decoder_kwargs(config),
-        activation=act,
-        flip_test=bool(config.use_flip_test),
-    )
     predictor.save(workdir / "predictor")
     save_figure(evals, best["pred"], workdir / "keypoints_cub.png", config.num_figure, config.seed)
 
@@ -1212,6 +1256,66 @@ def _best_threshold(conf: np.ndarray, visible: np.ndarray) -> float:
         c = np.quantile(conf.ravel(), np.linspace(0, 1, 201))
     acc = [np.mean((conf >= t) == visible) for t in c]
     return float(c[int(np.argmax(acc))])
+
+
+def _multiscale_rows(
+    predictor: Any,
+    images: Any,
+    stride: float,
+    activation: str,
+    config: Any,
+    cache_dir: pathlib.Path,
+    model_digest: str,
+    seconds: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Multi-scale test rows on ``images``: ``"multiscale"`` (the heatmaps of every size in
+    ``config.test_sizes`` averaged on the ``input_size`` grid, what the predictor does) and
+    ``"size{t}"`` (each size alone, on the same grid), each decoded with ``config.decoder``
+    (flip test as the predictor's). Each size's heatmaps are cached in ``cache_dir``, keyed by
+    the final model's stage digest, the size, the flip test and the images, so a resumed run
+    does not redo them."""
+    from tqdm.auto import tqdm
+
+    from fgloc.cache import cached_npz
+    from fgloc.data.images import load_image
+    from fgloc.localize import keypoints as kpt
+
+    t0 = time.perf_counter()
+    paths = list(np.asarray(images.paths))
+    per_size: dict[int, np.ndarray] = {}
+    for t in config.test_sizes:
+        key = {
+            "model": model_digest,
+            "size": int(t),
+            "flip_test": bool(predictor.flip_test),
+            "files": [str(f) for f in images.file_names],
+        }
+        one = dataclasses.replace(predictor, test_sizes=(int(t),))
+        chunk = 4 * max(1, int(one.batch_size))
+
+        def compute(one: Any = one, chunk: int = chunk, t: int = t) -> dict[str, np.ndarray]:
+            steps = range(0, len(paths), chunk)
+            bar = tqdm(steps, desc=f"multi-scale test {t}", disable=not config.progress)
+            z = [one.photo_heatmaps([load_image(f) for f in paths[i : i + chunk]]) for i in bar]
+            return {"logits": np.concatenate(z)}
+
+        hit = cached_npz(cache_dir / f"size{t}.npz", compute, key)
+        per_size[int(t)] = np.asarray(hit["logits"], np.float32)
+    grid = next(iter(per_size.values())).shape[1:3]
+    logits = {"multiscale": np.asarray(kpt.multiscale_average(list(per_size.values()), grid))}
+    logits |= {f"size{t}": z for t, z in per_size.items()}
+    rows = {}
+    for name, z in logits.items():
+        xy, conf = _decode(z, stride, config.decoder, activation, config)
+        orig = _to_original(xy, images.image_sizes, int(config.input_size))
+        rows[name] = {
+            "pred": orig,
+            "xy": xy,
+            "conf": conf,
+            "metrics": _keypoint_metrics(orig, images),
+        }
+    seconds["multiscale_test"] = time.perf_counter() - t0
+    return rows
 
 
 def _decoder_kwargs(config: Any) -> dict[str, Any]:

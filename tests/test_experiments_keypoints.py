@@ -40,6 +40,8 @@ def test_presets_load_and_validate():
         ("window", 4, "config.window: must be a positive odd"),
         ("num_devices", 3, "config.batch_size: 16 must be a positive multiple of the 3"),
         ("use_flip_test", True, "config.use_flip_test: needs flip_test"),
+        ("test_sizes", (384, 384), "config.test_sizes: must be distinct positive"),
+        ("test_sizes", (0,), "config.test_sizes: must be distinct positive"),
     ],
 )
 def test_impossible_options_name_the_option(field, value, message):
@@ -150,6 +152,17 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
         "ablation.final.argmax.pck@0.05" in m and "ablation.stage1_frozen.dark+flip.pck@0.10" in m
     )
     assert len([k for k in m if k.startswith("per_part_pck@0.10.")]) == 15
+    # multi-scale test (sizes 96 and 128): the headline is its row; its 96 row, computed from
+    # the photos by the predictor, is the single-scale row computed from the cached float16 maps
+    ms = "ablation.final_multiscale"
+    for k in ("pck@0.10", "pcp_body"):
+        assert m[k] == m[f"{ms}.{k}"]
+    assert abs(m[f"{ms}.size96.pck@0.10"] - m["ablation.final.pck@0.10"]) <= 0.05
+    assert f"{ms}.size128.pck@0.05" in m and m["seconds.multiscale_test"] > 0
+    assert sorted(p.name for p in (tmp_path / "multiscale").iterdir()) == [
+        "size128.npz",
+        "size96.npz",
+    ]
     assert all(m[f"seconds.stage_{s}"] >= 0 for s in ("1_keypoints", "2_keypoints_finetune"))
     assert (tmp_path / "predictor" / "predictor.json").is_file()
     assert (tmp_path / "keypoints_cub.png").is_file()
@@ -161,9 +174,14 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
     assert again["pck@0.10"] == m["pck@0.10"]
     assert again["cls_acc_joint_bilinear"] == m["cls_acc_joint_bilinear"]
     assert again["seconds.stage_1_keypoints"] == 0.0
+    assert again[f"{ms}.size128.pck@0.05"] == m[f"{ms}.size128.pck@0.05"]  # from its cache
+    # a size off the stride-16 grid is refused before any stage runs (its stage is not redone)
+    with pytest.raises(ValueError, match=r"config.test_sizes: \[104\] are not multiples"):
+        _run("smoke", shared_data, tmp_path, "--config.test_sizes=(96,104)")
     from fgloc.localize.keypoint_predictor import KeypointPredictor
 
     pred = KeypointPredictor.load(tmp_path / "predictor")
+    assert pred.test_sizes == (96, 128)
     xy, conf = pred.predict_keypoints([np.zeros((50, 80, 3), np.uint8)])
     assert xy.shape == (1, 15, 2) and conf.shape == (1, 15)
 

@@ -80,6 +80,35 @@ def test_round_trip_and_predictions_in_photo_pixels(predictor, tmp_path):
     np.testing.assert_allclose(conf[0], np.asarray(dec.confidence[0]), atol=1e-5)
 
 
+def test_multiscale_test_averages_each_size_on_the_input_grid(predictor, tmp_path):
+    import dataclasses
+
+    photos = _photos()
+    # the input size alone is the single-scale predictor
+    same = dataclasses.replace(predictor, test_sizes=(S,))
+    np.testing.assert_allclose(same.photo_heatmaps(photos), predictor.photo_heatmaps(photos))
+    multi = dataclasses.replace(predictor, test_sizes=(S, 2 * S))
+    # by hand: each size's flip-tested heatmaps, the larger one resized to the S grid, averaged
+    z1 = predictor.heatmaps(np.stack([resize_image(im, (S, S)) for im in photos]))
+    z2 = predictor.heatmaps(np.stack([resize_image(im, (2 * S, 2 * S)) for im in photos]))
+    g = S // 16
+    z2 = np.asarray(jax.image.resize(jnp.asarray(z2), (3, g, g, 15), "bilinear"))
+    np.testing.assert_allclose(multi.photo_heatmaps(photos), (z1 + z2) / 2, atol=1e-5)
+    xy, conf = multi.predict_keypoints(photos)
+    dec = kpt.decode_soft_argmax(jnp.asarray((z1 + z2) / 2), 16.0, 3, activation="softmax")
+    h, w = photos[1].shape[:2]
+    want = np.asarray(dec.keypoints[1]) * [w / S, h / S] - 0.5
+    want = np.stack([np.clip(want[:, 0], 0, w - 1), np.clip(want[:, 1], 0, h - 1)], -1)
+    np.testing.assert_allclose(xy[1], want, atol=1e-3)
+    np.testing.assert_allclose(conf[1], np.asarray(dec.confidence[1]), atol=1e-5)
+    # saved and loaded with its sizes
+    loaded = KeypointPredictor.load(multi.save(tmp_path / "ms"), batch_size=2)
+    assert loaded.test_sizes == (S, 2 * S)
+    np.testing.assert_allclose(loaded.predict_keypoints(photos)[0], xy, atol=1e-4)
+    with pytest.raises(PredictorError, match=r"test_sizes: 72 is not a positive multiple"):
+        dataclasses.replace(predictor, test_sizes=(S, 72))
+
+
 def test_points_are_clipped_into_tiny_photos_and_empty_input(predictor):
     xy, _ = predictor.predict_keypoints([np.zeros((3, 2, 3), np.uint8)])
     assert np.all((xy[..., 0] >= 0) & (xy[..., 0] <= 1) & (xy[..., 1] >= 0) & (xy[..., 1] <= 2))

@@ -306,3 +306,38 @@ def test_flip_validation():
         K.flip_keypoints(np.zeros((2, 15, 2)), np.ones((2, 15), bool), np.ones(3), perm)
     with pytest.raises(ValueError, match="heatmaps_of_flipped"):
         K.flip_test_average(jnp.zeros((1, 2, 2, 15)), jnp.zeros((1, 2, 3, 15)), perm)
+
+
+def test_multiscale_average_aligns_cell_centres():
+    # a map sampled from one smooth function of the photo's fractional coordinates at every
+    # scale: each cell i of an h-cell map holds f((i + 0.5) / h). Upsampling a coarser map to
+    # the target grid reproduces f there where f is linear (bilinear, centres aligned), so the
+    # mean equals the target-scale map in the interior; the same grid is a plain mean.
+    def sampled(h, w):
+        fy = (np.arange(h) + 0.5) / h
+        fx = (np.arange(w) + 0.5) / w
+        f = 3.0 * fx[None, :] - 2.0 * fy[:, None] + 1.0
+        return jnp.asarray(np.broadcast_to(f[None, :, :, None], (2, h, w, 15)), jnp.float32)
+
+    target = sampled(12, 12)
+    avg = np.asarray(K.multiscale_average([target, sampled(6, 6)], (12, 12)))
+    np.testing.assert_allclose(avg[:, 1:-1, 1:-1], np.asarray(target)[:, 1:-1, 1:-1], atol=1e-5)
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.normal(size=(2, 5, 4, 15)), jnp.float32) for _ in range(2))
+    np.testing.assert_allclose(np.asarray(K.multiscale_average([a, b], (5, 4))), (a + b) / 2)
+    # the argmax of a peak survives resizing from a finer scale: a peak at the fraction (0.325,
+    # 0.575) of the photo lands on the target cell containing that fraction
+    fine = np.full((1, 20, 20, 15), -5.0, np.float32)
+    fine[0, 11, 6, :] = 5.0  # centre (6.5 / 20, 11.5 / 20) = (0.325, 0.575)
+    z = np.asarray(K.multiscale_average([jnp.asarray(fine)], (8, 8)))
+    iy, ix = np.unravel_index(z[0, :, :, 0].argmax(), (8, 8))
+    assert (ix, iy) == (int(0.325 * 8), int(0.575 * 8))
+
+
+def test_multiscale_average_validation():
+    with pytest.raises(ValueError, match="at least one scale"):
+        K.multiscale_average([], (4, 4))
+    with pytest.raises(ValueError, match=r"heatmaps\[1\].*batch and parts"):
+        K.multiscale_average([jnp.zeros((1, 4, 4, 15)), jnp.zeros((2, 4, 4, 15))], (4, 4))
+    with pytest.raises(ValueError, match="map_hw"):
+        K.multiscale_average([jnp.zeros((1, 4, 4, 15))], (0, 4))

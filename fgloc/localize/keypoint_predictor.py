@@ -3,7 +3,7 @@
 A predictor directory (written by :meth:`KeypointPredictor.save`, e.g. by
 ``experiments/keypoint_fcn_cub.py`` as ``WORKDIR/predictor/``) holds ``predictor.json`` (the
 backbone's registry name, the fused layers, the head, the input size, the stride, the decoder
-and its options, the heatmap activation, flip test, the part names) and ``params.npz`` (every
+and its options, the heatmap activation, flip test, the test sizes, the part names) and ``params.npz`` (every
 variable of the `fgloc.models.keypoint_fcn.KeypointFCN`, backbone included, ``"/"``-joined
 keys). Loading rebuilds the model from the registry and checks the arrays strictly against it,
 so a directory of another backbone or head fails with the keys that differ.
@@ -11,7 +11,9 @@ so a directory of another backbone or head fails with the keys that differ.
 :meth:`KeypointPredictor.predict_keypoints` takes a list of ``uint8 (H, W, 3)`` photos of any
 sizes, squashes each to ``input_size``² (`fgloc.data.pipeline.resize_image`), runs the network
 (and on the mirrored photos with left/right parts swapped when ``flip_test``), decodes the
-heatmaps (`fgloc.localize.keypoints.decode`) and maps the points back to each photo's own
+heatmaps (`fgloc.localize.keypoints.decode`; with ``test_sizes`` the heatmaps of the photo squashed
+to each of those sizes are first averaged on the ``input_size`` grid,
+`fgloc.localize.keypoints.multiscale_average`) and maps the points back to each photo's own
 pixels. Coordinates follow the CUB annotations: ``(x, y)`` *pixel indices* (the centre of the
 top-left pixel is ``(0, 0)``; matplotlib's ``imshow`` convention), which may lie slightly
 outside ``[0, W−1] × [0, H−1]`` by sub-cell decoding; they are clipped into that range.
@@ -65,6 +67,8 @@ class KeypointPredictor:
       decoder_kwargs: options of the decoder (``window``, ``smooth_sigma``, ...).
       activation: ``sigmoid`` or ``softmax``, what the heatmaps were trained with.
       flip_test: average with the mirrored photo's heatmaps (left/right parts swapped).
+      test_sizes: multi-scale test: the input sizes (each a multiple of ``stride``) whose
+        heatmaps are averaged on the grid of ``input_size``; ``()`` is ``input_size`` alone.
       part_names: names of the heatmap channels.
       batch_size: photos per forward pass.
     """
@@ -78,6 +82,7 @@ class KeypointPredictor:
     decoder_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     activation: str = "softmax"
     flip_test: bool = True
+    test_sizes: tuple[int, ...] = ()
     part_names: tuple[str, ...] = CUB_PART_NAMES
     batch_size: int = 8
 
@@ -94,6 +99,14 @@ class KeypointPredictor:
             raise PredictorError(
                 f"{len(self.part_names)} part names for a model of {self.model.num_parts} parts"
             )
+        self.test_sizes = tuple(int(t) for t in self.test_sizes)
+        sx, sy = (self.stride, self.stride) if isinstance(self.stride, int | float) else self.stride
+        for t in self.test_sizes:
+            if t < 1 or t % sx or t % sy:
+                raise PredictorError(
+                    f"test_sizes: {t} is not a positive multiple of the stride {self.stride} "
+                    "(each scale's heatmap must cover its whole input)"
+                )
         if self.flip_test:
             self._perm = kpt.flip_permutation(self.part_names)
         self._forward = jax.jit(self._heatmaps_of)
@@ -115,6 +128,7 @@ class KeypointPredictor:
             "decoder_kwargs": dict(self.decoder_kwargs),
             "activation": self.activation,
             "flip_test": bool(self.flip_test),
+            "test_sizes": list(self.test_sizes),
             "part_names": list(self.part_names),
         }
 
@@ -215,6 +229,7 @@ class KeypointPredictor:
             decoder_kwargs=cfg.get("decoder_kwargs", {}),
             activation=cfg.get("activation", "sigmoid"),
             flip_test=bool(cfg.get("flip_test", False)),
+            test_sizes=tuple(int(t) for t in cfg.get("test_sizes", ())),
             part_names=tuple(cfg.get("part_names", CUB_PART_NAMES)),
             batch_size=batch_size,
         )
@@ -231,6 +246,36 @@ class KeypointPredictor:
         """Heatmap logits ``(B, h, w, P)`` of squashed photos ``uint8 (B, S, S, 3)`` (flip test
         applied when on)."""
         return np.asarray(self._forward(self.variables, jnp.asarray(batch_uint8)))
+
+    def photo_heatmaps(self, photos: Sequence[np.ndarray]) -> np.ndarray:
+        """Heatmap logits ``(N, h, w, P)`` on the ``input_size`` grid of ``uint8 (H, W, 3)``
+        photos of any sizes: flip test when on, and the mean over ``test_sizes`` when set."""
+        from fgloc.data.pipeline import resize_image
+
+        s = int(self.input_size)
+        sizes = self.test_sizes or (s,)
+        bs = max(1, int(self.batch_size))
+        out = []
+        for start in range(0, len(photos), bs):
+            chunk = [np.asarray(im) for im in photos[start : start + bs]]
+            n = len(chunk)
+            per_size = []
+            for t in sizes:
+                batch = np.stack([resize_image(im, (t, t)) for im in chunk])
+                if n < bs:  # one compiled shape per size
+                    batch = np.concatenate([batch, np.zeros((bs - n, t, t, 3), np.uint8)])
+                per_size.append(self.heatmaps(batch)[:n])
+            if sizes == (s,):
+                out.append(per_size[0])
+            else:
+                sx, sy = (
+                    (self.stride, self.stride)
+                    if isinstance(self.stride, int | float)
+                    else self.stride
+                )
+                grid = (round(s / sy), round(s / sx))
+                out.append(np.asarray(kpt.multiscale_average(per_size, grid)))
+        return np.concatenate(out)
 
     def _heatmaps_of(self, variables: Any, batch_uint8: jax.Array) -> jax.Array:
         """:meth:`heatmaps` as one traced function (jitted in ``__post_init__``)."""
@@ -254,7 +299,7 @@ class KeypointPredictor:
         Raises:
           ValueError naming the photo for anything that is not ``uint8 (H, W, 3)``.
         """
-        from fgloc.data.pipeline import invert_affine, resize_affine, resize_image, transform_points
+        from fgloc.data.pipeline import invert_affine, resize_affine, transform_points
 
         photos = list(images)
         s = int(self.input_size)
@@ -265,27 +310,20 @@ class KeypointPredictor:
         p = self.model.num_parts
         if not photos:
             return np.zeros((0, p, 2)), np.zeros((0, p))
-        xy_all, conf_all = [], []
-        bs = max(1, int(self.batch_size))
-        for start in range(0, len(photos), bs):
-            chunk = photos[start : start + bs]
-            batch = np.stack([resize_image(np.asarray(im), (s, s)) for im in chunk])
-            n = len(batch)
-            if n < bs:  # one compiled shape
-                batch = np.concatenate([batch, np.zeros((bs - n, s, s, 3), np.uint8)])
-            z = self.heatmaps(batch)[:n]
-            dec = kpt.decode(
-                jnp.asarray(z),
-                self.stride,
-                self.decoder,
-                activation=self.activation,
-                **dict(self.decoder_kwargs),
-            )
-            xy = np.asarray(dec.keypoints, np.float64) - 0.5  # continuous -> pixel indices
-            for i, im in enumerate(chunk):
-                h, w = np.asarray(im).shape[:2]
-                pts = transform_points(xy[i], invert_affine(resize_affine((h, w), (s, s))))
-                pts = np.stack([np.clip(pts[:, 0], 0, w - 1), np.clip(pts[:, 1], 0, h - 1)], -1)
-                xy_all.append(pts.astype(np.float64))
-            conf_all.append(np.asarray(dec.confidence, np.float64))
+        z = self.photo_heatmaps(photos)
+        dec = kpt.decode(
+            jnp.asarray(z),
+            self.stride,
+            self.decoder,
+            activation=self.activation,
+            **dict(self.decoder_kwargs),
+        )
+        xy = np.asarray(dec.keypoints, np.float64) - 0.5  # continuous -> pixel indices
+        xy_all = []
+        for i, im in enumerate(photos):
+            h, w = np.asarray(im).shape[:2]
+            pts = transform_points(xy[i], invert_affine(resize_affine((h, w), (s, s))))
+            pts = np.stack([np.clip(pts[:, 0], 0, w - 1), np.clip(pts[:, 1], 0, h - 1)], -1)
+            xy_all.append(pts.astype(np.float64))
+        conf_all = [np.asarray(dec.confidence, np.float64)]
         return np.stack(xy_all), np.concatenate(conf_all)

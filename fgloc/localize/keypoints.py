@@ -69,6 +69,7 @@ __all__ = [
     "gaussian_targets",
     "keypoint_loss",
     "map_stride",
+    "multiscale_average",
     "nearest_cells",
     "pixels_to_cells",
     "sigmoid_cross_entropy_loss",
@@ -541,6 +542,30 @@ def flip_test_average(heatmaps: Any, heatmaps_of_flipped: Any, permutation: Any)
     if a.shape != b.shape:
         raise ValueError(f"heatmaps {a.shape} and heatmaps_of_flipped {b.shape} differ in shape")
     return 0.5 * (a + flip_heatmaps(b, permutation))
+
+
+def multiscale_average(heatmaps: Sequence[Any], map_hw: Sequence[int]) -> Array:
+    """Multi-scale test: the mean of heatmaps of the same photos squashed to several input
+    sizes, each resized (bilinear, cell centres aligned) to ``map_hw``. Every map must cover
+    its whole input (the input size a multiple of the stride), so cell ``i`` of an ``h``-cell
+    map is centred at the fraction ``(i + 0.5) / h`` of the photo at every scale. Linear like
+    :func:`flip_test_average`; on logits it averages log-odds (for softmax-trained maps, the
+    per-part constant of each scale's normaliser does not move the peak). ``heatmaps``: a
+    non-empty sequence of ``(B, h_k, w_k, P)`` arrays. Returns ``(B, *map_hw, P)``."""
+    maps = [_check_heatmaps(z, f"heatmaps[{k}]") for k, z in enumerate(heatmaps)]
+    if not maps:
+        raise ValueError("heatmaps: need at least one scale")
+    h, w = _map_hw(map_hw)
+    b, p = maps[0].shape[0], maps[0].shape[-1]
+    for k, z in enumerate(maps):
+        if z.shape[0] != b or z.shape[-1] != p:
+            raise ValueError(
+                f"heatmaps[{k}] {z.shape}: batch and parts must match heatmaps[0] {maps[0].shape}"
+            )
+    total = sum(
+        z if z.shape[1:3] == (h, w) else jax.image.resize(z, (b, h, w, p), "bilinear") for z in maps
+    )
+    return total / len(maps)
 
 
 def flip_keypoints(
