@@ -456,6 +456,28 @@ def _decode(logits: np.ndarray, stride: float, method: str, activation: str, con
     return np.asarray(out.keypoints), np.asarray(out.confidence)
 
 
+def _pcp_by_visible_parts(pred: np.ndarray, ann: Any) -> dict[str, float]:
+    """What bounds PCP: per part group, the PCP of the images whose true box is spanned by
+    ``k`` visible keypoints (``pcp_<group>_by_visible.<k>``) and how many such images there are
+    (``n_<group>_boxes_by_visible.<k>``); a box of two or three keypoints is thin, and one
+    misplaced keypoint moves its IoU most."""
+    from fgloc.data.cub_parts import CUB_PART_GROUPS
+    from fgloc.metrics import iou, part_boxes_from_keypoints
+
+    vis = np.asarray(ann.visible, bool)
+    true, valid = part_boxes_from_keypoints(ann.parts, vis)
+    boxes, _ = part_boxes_from_keypoints(pred, vis)
+    out: dict[str, float] = {}
+    for g, (name, idx) in enumerate(CUB_PART_GROUPS.items()):
+        k_vis = vis[:, list(idx)].sum(axis=1)
+        hit = iou(boxes[:, g], true[:, g]) >= 0.5
+        for k in np.unique(k_vis[valid[:, g]]):
+            sel = valid[:, g] & (k_vis == k)
+            out[f"pcp_{name}_by_visible.{int(k)}"] = float(hit[sel].mean())
+            out[f"n_{name}_boxes_by_visible.{int(k)}"] = int(sel.sum())
+    return out
+
+
 def _keypoint_metrics(pred: np.ndarray, ann: Any, prefix: str = "") -> dict[str, float]:
     from fgloc.metrics import pck, pcp
 
@@ -891,6 +913,7 @@ def run(config: Any, data_dir: pathlib.Path, workdir: pathlib.Path) -> dict[str,
         by = {r: row["metrics"]["pck@0.05"] for r, row in rows_design.items()}
         metrics["design.best_decoder_pck@0.05"] = max(by, key=lambda r: by[r])
     per = {a: pck(best["pred"], evals.parts, evals.visible, evals.boxes, a)[0] for a in ALPHAS}
+    metrics.update(_pcp_by_visible_parts(best["pred"], evals))
     for a in ALPHAS:
         for j, part in enumerate(CUB_PART_NAMES):
             metrics[f"per_part_pck@{a:.2f}.{part.replace(' ', '_')}"] = float(per[a][j])

@@ -159,6 +159,12 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
         assert m[k] == m[f"{ms}.{k}"]
     assert abs(m[f"{ms}.size96.pck@0.10"] - m["ablation.final.pck@0.10"]) <= 0.05
     assert f"{ms}.size128.pck@0.05" in m and m["seconds.multiscale_test"] > 0
+    # the PCP breakdown by visible keypoints per box adds up to the PCP
+    for g in ("head", "body"):
+        ks = [k.split(".")[-1] for k in m if k.startswith(f"pcp_{g}_by_visible.")]
+        n = sum(m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
+        hits = sum(m[f"pcp_{g}_by_visible.{k}"] * m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
+        assert ks and min(int(k) for k in ks) >= 2 and hits / n == pytest.approx(m[f"pcp_{g}"])
     assert sorted(p.name for p in (tmp_path / "multiscale").iterdir()) == [
         "size128.npz",
         "size96.npz",
