@@ -37,7 +37,7 @@ Presets:
 * ``class_disjoint_smoke``: the same protocol at the smoke settings (a test runs it).
 * ``design_val``: ``lite0_val`` restricted to classes 1-12, keypoints only (stage 1, no
   classifier, no extra heads): the cheap re-check of the hand-made keypoint choices (loss width
-  ``kp.sigma``, decoder) on the design classes alone.
+  ``kp.sigma``, decoder) on the design classes alone, at one test scale.
 * ``stage7_finetune_val``: ``stage7_finetune`` on the train/val split (for the choice above).
 """
 
@@ -262,6 +262,7 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
         c.kp_ft.enabled = False
         c.cls.enabled = False
         c.extra.heads = ()
+        c.test_sizes = ()  # a stage-1 check at one scale, as it was run (2026-12-01)
     if name in ("class_disjoint", "class_disjoint_smoke"):
         c.classes = "score"
         c.design_classes = "design"
