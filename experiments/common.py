@@ -210,7 +210,13 @@ def main(run: Run, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if main_process:
         (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     start = time.perf_counter()
-    metrics = dict(run(config, data_dir, workdir))
+    from fgloc.train.trainer import TrainingInterrupted
+
+    try:
+        metrics = dict(run(config, data_dir, workdir))
+    except TrainingInterrupted as err:  # SIGTERM mid-stage: checkpointed, stop (128 + 15)
+        print(f"interrupted: {err}", file=sys.stderr)
+        raise SystemExit(143) from err
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     if main_process:
         write_metrics(workdir, metrics)

@@ -91,6 +91,46 @@ def test_finetune_from_start_at_trains_the_late_block_and_new_layers_only(tmp_pa
         gap_finetune.finetune(model, variables, inputs, labels, start_at="block9", crop=9)
 
 
+def test_sigterm_mid_finetune_raises_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """SIGTERM during the fine-tune: TrainingInterrupted names the workdir and step (not
+    half-trained variables returned as finished), and the same call resumes to the
+    uninterrupted result."""
+    import os
+    import signal
+
+    from fgloc.train import trainer
+
+    model, variables, x = _lite0_gap()
+    h9 = np.asarray(_maps(model, variables, x, "block9"))
+    inputs, labels = np.concatenate([h9] * 4), np.array([0, 1] * 4)
+    kw = dict(start_at="block9", steps=4, batch_size=4, learning_rate=1e-2, progress=False,
+              checkpoint_every=1)  # fmt: skip
+    full, _ = gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "a", **kw)
+    real = trainer.make_train_step
+
+    def signalled(loss_fn, tx, mesh):
+        step = real(loss_fn, tx, mesh)
+        n = {"calls": 0}
+
+        def wrapped(state, batch, rng):
+            n["calls"] += 1
+            if n["calls"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(state, batch, rng)
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "make_train_step", signalled)
+    with pytest.raises(trainer.TrainingInterrupted, match="after step 2 of 4"):
+        gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "b", **kw)
+    monkeypatch.setattr(trainer, "make_train_step", real)
+    again, hist = gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "b", **kw)
+    assert len(hist) == 2  # only the remaining steps
+    a, b = traverse_util.flatten_dict(full["params"]), traverse_util.flatten_dict(again["params"])
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
+
+
 def test_finetuned_presets():
     c = configs.get("cam_cub", "paper_finetuned")
     assert (c.method, c.backbone, c.input_size, c.box.tune) == (

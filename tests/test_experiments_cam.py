@@ -188,6 +188,21 @@ def test_main_writes_metrics_and_config(tmp_path):
     assert json.loads((work / "config.json").read_text())["lr"] == 0.1
 
 
+def test_main_stops_with_143_on_an_interrupted_stage_and_writes_no_metrics(tmp_path, capsys):
+    from fgloc.train.trainer import TrainingInterrupted
+
+    def interrupted(config, data_dir, workdir):
+        raise TrainingInterrupted(workdir / "stages" / "2_x", 3, 6)
+
+    cfg = _config_file(tmp_path)
+    work = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        common.main(interrupted, ["--config", cfg, "--workdir", str(work), "--data_dir", "d"])
+    assert err.value.code == 143
+    assert "2_x: training stopped by SIGTERM after step 3 of 6" in capsys.readouterr().err
+    assert not (work / "metrics.json").exists() and (work / "config.json").is_file()
+
+
 # ----------------------------------------------------------------------------- CAM helpers
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from experiments import keypoint_fcn_cub as exp
 from experiments.configs import keypoint_fcn_cub as configs
 from fgloc.data import cub
-from fgloc.metrics import CUB_PART_NAMES
+from fgloc.metrics import CUB_PART_GROUPS, CUB_PART_NAMES
 
 LITE0_LAYERS = ["stem", *(f"block{i}" for i in range(16)), *(f"stage{k}" for k in range(1, 8))]
 LITE0_LAYERS.append("pre_pool")
@@ -93,6 +93,30 @@ def _fake_cub(parent: pathlib.Path, part_names, visible=True) -> pathlib.Path:
     return root
 
 
+def test_pcp_if_within_replaces_only_the_gross_errors_of_one_part():
+    """Hand-made body box [0, 30] x [0, 100] (back, belly, breast, tail): the tail predicted 80
+    px off (a miss at alpha 0.10 of a 100 px box) shrinks the box to IoU 0.25; the breast 5 px
+    off is a small error the oracle keeps."""
+    import types
+
+    idx = {n: CUB_PART_NAMES.index(n) for n in ("back", "belly", "breast", "tail")}
+    true = np.zeros((1, 15, 2))
+    vis = np.zeros((1, 15), bool)
+    for n, xy in {"back": (30, 0), "belly": (30, 100), "breast": (0, 50), "tail": (100, 50)}.items():
+        true[0, idx[n]] = xy
+        vis[0, idx[n]] = True
+    pred = true.copy()
+    pred[0, idx["tail"]] = (20, 50)
+    pred[0, idx["breast"]] = (5, 50)
+    ann = types.SimpleNamespace(parts=true, visible=vis, boxes=np.array([[0.0, 0, 100, 100]]))
+    m = exp._pcp_if_within(pred, ann)
+    assert exp._keypoint_metrics(pred, ann)["pcp_body"] == 0.0
+    assert m["pcp_body_if_within_0.10.tail"] == 1.0  # box x 5..100: IoU 0.95
+    assert m["pcp_body_if_within_0.10.back"] == 0.0  # no miss to replace
+    assert m["pcp_body_if_within_0.10.all"] == 1.0
+    assert np.isnan(m["pcp_head_if_within_0.10.all"])  # no visible head part
+
+
 def test_annotation_part_count_and_visibility_are_checked(tmp_path):
     ann = cub.read_cub(_fake_cub(tmp_path / "ok", CUB_PART_NAMES))
     assert exp.check_annotations(ann) is ann
@@ -165,6 +189,10 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
         n = sum(m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
         hits = sum(m[f"pcp_{g}_by_visible.{k}"] * m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
         assert ks and min(int(k) for k in ks) >= 2 and hits / n == pytest.approx(m[f"pcp_{g}"])
+        # the oracle that replaces a part's PCK@0.10 misses by the truth never loses a box
+        bound = {k: v for k, v in m.items() if k.startswith(f"pcp_{g}_if_within_0.10.")}
+        assert len(bound) == len(CUB_PART_GROUPS[g]) + 1
+        assert all(v >= m[f"pcp_{g}"] for v in bound.values())
     assert sorted(p.name for p in (tmp_path / "multiscale").iterdir()) == [
         "size128.npz",
         "size96.npz",

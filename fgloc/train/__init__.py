@@ -4,6 +4,7 @@
 from fgloc.train.checkpoints import Checkpointer, CheckpointMismatchError
 from fgloc.train.trainer import (
     TrainState,
+    TrainingInterrupted,
     array_batches,
     create_train_state,
     data_mesh,
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointMismatchError",
     "Checkpointer",
     "TrainState",
+    "TrainingInterrupted",
     "array_batches",
     "create_train_state",
     "data_mesh",

@@ -309,6 +309,8 @@ def finetune(
     finally:
         if ckpt is not None:
             ckpt.close()
+    if int(state.step) < steps:  # SIGTERM: checkpointed in workdir, not finished
+        raise trainer.TrainingInterrupted(workdir, int(state.step), steps)
     out = dict(variables)
     out["params"] = _merge(jax.device_get(state.params), frozen_params)
     return out, history

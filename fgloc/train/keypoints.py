@@ -564,6 +564,8 @@ def train_stage(
             )
         finally:
             log.close()
+    if int(state.step) < num_steps:  # SIGTERM: checkpointed, not finished (no done.json)
+        raise trainer.TrainingInterrupted(stage_dir, int(state.step), num_steps)
     seconds = time.perf_counter() - start
     final = jax.device_get(state.params)
     save_variables(stage_dir / "final.npz", final)

@@ -48,6 +48,7 @@ from fgloc import distributed
 
 __all__ = [
     "TrainState",
+    "TrainingInterrupted",
     "array_batches",
     "create_train_state",
     "data_mesh",
@@ -59,6 +60,20 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+class TrainingInterrupted(RuntimeError):
+    """A training run that `fit` stopped early on SIGTERM (its checkpoint is saved). Raised by
+    the callers that would otherwise go on with a half-trained state as if it were finished
+    (`fgloc.train.keypoints.train_stage`, `fgloc.train.gap_finetune.finetune`); running the
+    same command again resumes from the checkpoint."""
+
+    def __init__(self, where: Any, step: int, num_steps: int) -> None:
+        super().__init__(
+            f"{where}: training stopped by SIGTERM after step {step} of {num_steps}; its "
+            "checkpoint is saved there, run the same command again to resume"
+        )
+        self.where, self.step, self.num_steps = where, int(step), int(num_steps)
+
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
 
