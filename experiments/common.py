@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -190,6 +191,37 @@ def write_metrics(workdir: str | pathlib.Path, metrics: Mapping[str, Any]) -> pa
     return path
 
 
+_LOCKS: dict[pathlib.Path, Any] = {}  # open lock files, held until the process ends
+
+
+def _lock_workdir(workdir: pathlib.Path) -> None:
+    """An exclusive lock on ``WORKDIR/.lock`` for this process's lifetime, so that two runs
+    never write one workdir's caches and stage checkpoints at once (they would race; a rerun
+    after the first has finished or died resumes as usual: the OS drops the lock with the
+    process). ValueError naming the workdir and the holder's pid when another run holds it."""
+    import fcntl
+
+    path = workdir.resolve() / ".lock"
+    if path in _LOCKS:  # this process already holds it (several runs in one process)
+        return
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ValueError(
+            f"--workdir {workdir}: another run (pid {holder}) is using it; wait for it to end "
+            "or pass another --workdir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[path] = f
+
+
 def main(run: Run, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry of an experiment: parse, make workdir, save config, run, time, write.
 
@@ -208,6 +240,7 @@ def main(run: Run, argv: Sequence[str] | None = None) -> dict[str, Any]:
     main_process = distributed.is_main_process()
     workdir.mkdir(parents=True, exist_ok=True)
     if main_process:
+        _lock_workdir(workdir)
         (workdir / "config.json").write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     start = time.perf_counter()
     from fgloc.train.trainer import TrainingInterrupted

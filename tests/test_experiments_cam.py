@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -201,6 +202,34 @@ def test_main_stops_with_143_on_an_interrupted_stage_and_writes_no_metrics(tmp_p
     assert err.value.code == 143
     assert "2_x: training stopped by SIGTERM after step 3 of 6" in capsys.readouterr().err
     assert not (work / "metrics.json").exists() and (work / "config.json").is_file()
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_and_freed_when_it_ends(tmp_path):
+    """Two runs in one workdir would race on its caches and stage checkpoints: the second is
+    refused with the holder's pid; once the holder is gone the same command runs."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "run"
+    work.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, fcntl; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n'); f.flush(); print('held', flush=True); "
+         "time.sleep(60)", str(work / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cfg = _config_file(tmp_path)
+        argv = ["--config", cfg, "--workdir", str(work), "--data_dir", "d"]
+        with pytest.raises(ValueError, match=r"--workdir .*run: another run \(pid 4242\)"):
+            common.main(_run_fn, argv)
+        assert not (work / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert common.main(_run_fn, argv)["value"] == 0.2
+    assert (work / ".lock").read_text().strip() == str(os.getpid())
 
 
 # ----------------------------------------------------------------------------- CAM helpers
