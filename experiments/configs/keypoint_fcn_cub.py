@@ -159,6 +159,10 @@ def get_config(name: str | None = None) -> ml_collections.ConfigDict:
     c.extra.floor_head = _head((256, 256))
     c.num_figure = 8
 
+    if name == "default":
+        # the headline run also scores CUB classes 13-25 apart (`score_classes.*`), the
+        # "headline model, same images" column of the README's class-disjoint table
+        c.report_classes = "score"
     if name in ("smoke", "class_disjoint_smoke"):
         c.input_size = 96
         c.max_classes = 3
