@@ -124,7 +124,9 @@ def test_sigterm_mid_finetune_raises_and_the_rerun_resumes(tmp_path, monkeypatch
     with pytest.raises(trainer.TrainingInterrupted, match="after step 2 of 4"):
         gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "b", **kw)
     monkeypatch.setattr(trainer, "make_train_step", real)
-    again, hist = gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "b", **kw)
+    again, hist = gap_finetune.finetune(
+        model, variables, inputs, labels, workdir=tmp_path / "b", **kw
+    )
     assert len(hist) == 2  # only the remaining steps
     a, b = traverse_util.flatten_dict(full["params"]), traverse_util.flatten_dict(again["params"])
     for k in a:

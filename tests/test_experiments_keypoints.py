@@ -102,7 +102,12 @@ def test_pcp_if_within_replaces_only_the_gross_errors_of_one_part():
     idx = {n: CUB_PART_NAMES.index(n) for n in ("back", "belly", "breast", "tail")}
     true = np.zeros((1, 15, 2))
     vis = np.zeros((1, 15), bool)
-    for n, xy in {"back": (30, 0), "belly": (30, 100), "breast": (0, 50), "tail": (100, 50)}.items():
+    for n, xy in {
+        "back": (30, 0),
+        "belly": (30, 100),
+        "breast": (0, 50),
+        "tail": (100, 50),
+    }.items():
         true[0, idx[n]] = xy
         vis[0, idx[n]] = True
     pred = true.copy()

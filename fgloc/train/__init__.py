@@ -3,8 +3,8 @@
 
 from fgloc.train.checkpoints import Checkpointer, CheckpointMismatchError
 from fgloc.train.trainer import (
-    TrainState,
     TrainingInterrupted,
+    TrainState,
     array_batches,
     create_train_state,
     data_mesh,

@@ -61,6 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 class TrainingInterrupted(RuntimeError):
     """A training run that `fit` stopped early on SIGTERM (its checkpoint is saved). Raised by
     the callers that would otherwise go on with a half-trained state as if it were finished
