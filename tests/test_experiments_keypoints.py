@@ -194,10 +194,12 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
         n = sum(m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
         hits = sum(m[f"pcp_{g}_by_visible.{k}"] * m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
         assert ks and min(int(k) for k in ks) >= 2 and hits / n == pytest.approx(m[f"pcp_{g}"])
-        # the oracle that replaces a part's PCK@0.10 misses by the truth never loses a box
+        # the oracle that replaces one part's PCK@0.10 misses by the truth (per part, and all
+        # of the group's): not monotone in general (two errors can cancel in one box), so only
+        # its keys and range here; its values: test_pcp_if_within_replaces_only_...
         bound = {k: v for k, v in m.items() if k.startswith(f"pcp_{g}_if_within_0.10.")}
         assert len(bound) == len(CUB_PART_GROUPS[g]) + 1
-        assert all(v >= m[f"pcp_{g}"] for v in bound.values())
+        assert all(0 <= v <= 1 for v in bound.values())
     assert sorted(p.name for p in (tmp_path / "multiscale").iterdir()) == [
         "size128.npz",
         "size96.npz",
