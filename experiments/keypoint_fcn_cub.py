@@ -496,12 +496,9 @@ def _pcp_if_within(pred: np.ndarray, ann: Any, alpha: float = 0.10) -> dict[str,
     for name, idx in CUB_PART_GROUPS.items():
         key = f"pcp_{name}_if_within_{alpha:.2f}"
         for j in (*idx, None):
-            fix = miss.copy()
-            if j is not None:
-                fix[:, [k for k in range(fix.shape[1]) if k != j]] = False
-            else:
-                fix[:, [k for k in range(fix.shape[1]) if k not in idx]] = False
-            fixed = np.where(fix[..., None], true, pred)
+            parts = np.zeros(miss.shape[1], bool)
+            parts[list(idx) if j is None else j] = True  # the parts whose misses are replaced
+            fixed = np.where((miss & parts)[..., None], true, pred)
             part = "all" if j is None else CUB_PART_NAMES[j].replace(" ", "_")
             out[f"{key}.{part}"] = pcp(fixed, true, vis, {name: idx})[name]
     return out

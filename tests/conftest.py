@@ -138,6 +138,36 @@ def require_path(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+@pytest.fixture
+def train_step_hook(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``install(before)``: the steps that `fgloc.train.trainer.make_train_step` builds from
+    then on first call ``before(n)`` (``n`` = 1, 2, ... counted over the install), e.g. to send
+    SIGTERM or raise at a given step; ``install(None)`` restores the real one."""
+    from fgloc.train import trainer
+
+    real = trainer.make_train_step
+
+    def install(before: Any) -> None:
+        if before is None:
+            monkeypatch.setattr(trainer, "make_train_step", real)
+            return
+        calls = {"n": 0}
+
+        def make(loss_fn: Any, tx: Any, mesh: Any) -> Any:
+            step = real(loss_fn, tx, mesh)
+
+            def wrapped(state: Any, batch: Any, rng: Any) -> Any:
+                calls["n"] += 1
+                before(calls["n"])
+                return step(state, batch, rng)
+
+            return wrapped
+
+        monkeypatch.setattr(trainer, "make_train_step", make)
+
+    return install
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     """`../shared/data` beside the clone; skips when absent (a fresh clone), fails under CI."""

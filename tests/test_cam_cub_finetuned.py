@@ -91,7 +91,7 @@ def test_finetune_from_start_at_trains_the_late_block_and_new_layers_only(tmp_pa
         gap_finetune.finetune(model, variables, inputs, labels, start_at="block9", crop=9)
 
 
-def test_sigterm_mid_finetune_raises_and_the_rerun_resumes(tmp_path, monkeypatch):
+def test_sigterm_mid_finetune_raises_and_the_rerun_resumes(tmp_path, train_step_hook):
     """SIGTERM during the fine-tune: TrainingInterrupted names the workdir and step (not
     half-trained variables returned as finished), and the same call resumes to the
     uninterrupted result."""
@@ -106,24 +106,15 @@ def test_sigterm_mid_finetune_raises_and_the_rerun_resumes(tmp_path, monkeypatch
     kw = dict(start_at="block9", steps=4, batch_size=4, learning_rate=1e-2, progress=False,
               checkpoint_every=1)  # fmt: skip
     full, _ = gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "a", **kw)
-    real = trainer.make_train_step
 
-    def signalled(loss_fn, tx, mesh):
-        step = real(loss_fn, tx, mesh)
-        n = {"calls": 0}
+    def sigterm_at_2(n):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-        def wrapped(state, batch, rng):
-            n["calls"] += 1
-            if n["calls"] == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(state, batch, rng)
-
-        return wrapped
-
-    monkeypatch.setattr(trainer, "make_train_step", signalled)
+    train_step_hook(sigterm_at_2)
     with pytest.raises(trainer.TrainingInterrupted, match="after step 2 of 4"):
         gap_finetune.finetune(model, variables, inputs, labels, workdir=tmp_path / "b", **kw)
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_step_hook(None)
     again, hist = gap_finetune.finetune(
         model, variables, inputs, labels, workdir=tmp_path / "b", **kw
     )

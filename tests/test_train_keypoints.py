@@ -79,27 +79,18 @@ def test_stage1_smoke_files_and_skip(tmp_path):
         _head_stage(tmp_path, 6)  # another configuration in the same folder
 
 
-def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, train_step_hook):
     full = _head_stage(tmp_path, 6, "full")
-    real = trainer.make_train_step
-    calls = {"n": 0}
 
-    def dying(loss_fn, tx, mesh):
-        step = real(loss_fn, tx, mesh)
+    def die_after_3(n):
+        if n > 3:
+            raise KeyboardInterrupt  # killed after 3 steps (checkpoint at step 2)
 
-        def wrapped(state, batch, rng):
-            calls["n"] += 1
-            if calls["n"] > 3:
-                raise KeyboardInterrupt  # killed after 3 steps (checkpoint at step 2)
-            return step(state, batch, rng)
-
-        return wrapped
-
-    monkeypatch.setattr(trainer, "make_train_step", dying)
+    train_step_hook(die_after_3)
     with pytest.raises(KeyboardInterrupt):
         _head_stage(tmp_path, 6, "cut")
     assert not (tmp_path / "cut" / "done.json").exists()
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_step_hook(None)
     resumed = _head_stage(tmp_path, 6, "cut")
     assert json.loads((tmp_path / "cut" / "done.json").read_text())["resumed_from_step"] == 2
     _leaves_equal(full.params, resumed.params)
@@ -109,7 +100,7 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
     assert steps == [1, 2, 3, 4, 5, 6]  # the redone step 3 is logged once
 
 
-def test_sigterm_mid_stage_is_not_a_finished_stage(tmp_path, monkeypatch):
+def test_sigterm_mid_stage_is_not_a_finished_stage(tmp_path, train_step_hook):
     """SIGTERM during a stage: `fit` saves and returns early; the stage then raises
     TrainingInterrupted (naming the folder and the step) instead of going on with half-trained
     weights, writes no done.json, and the same call again resumes to the uninterrupted result
@@ -118,28 +109,19 @@ def test_sigterm_mid_stage_is_not_a_finished_stage(tmp_path, monkeypatch):
     import signal
 
     full = _head_stage(tmp_path, 6, "full")
-    real = trainer.make_train_step
-    calls = {"n": 0}
 
-    def signalled(loss_fn, tx, mesh):
-        step = real(loss_fn, tx, mesh)
+    def sigterm_at_3(n):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by fit: stop after this step
 
-        def wrapped(state, batch, rng):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled by fit: stop after this step
-            return step(state, batch, rng)
-
-        return wrapped
-
-    monkeypatch.setattr(trainer, "make_train_step", signalled)
+    train_step_hook(sigterm_at_3)
     with pytest.raises(trainer.TrainingInterrupted, match=r"cut: training stopped by SIGTERM "
                        r"after step 3 of 6") as err:  # fmt: skip
         _head_stage(tmp_path, 6, "cut")
     assert err.value.step == 3 and err.value.num_steps == 6
     assert not (tmp_path / "cut" / "done.json").exists()
     assert not (tmp_path / "cut" / "final.npz").exists()
-    monkeypatch.setattr(trainer, "make_train_step", real)
+    train_step_hook(None)
     resumed = _head_stage(tmp_path, 6, "cut")
     assert json.loads((tmp_path / "cut" / "done.json").read_text())["resumed_from_step"] == 3
     _leaves_equal(full.params, resumed.params)
