@@ -30,7 +30,8 @@ alone and each size's heatmaps cached under ``WORKDIR/multiscale/``); a part cou
 for the classifier when its single-scale confidence is above a threshold chosen on the
 training images (the one that best separates
 visible from invisible annotated parts there). Keypoint metrics (`fgloc.metrics.pck`, `pcp`) are
-in original image pixels. ``ablation.<row>.pck@α`` rows come from the same trained models
+in original image pixels; ``pcp_head`` / ``pcp_body`` use Part-based R-CNN's head and body boxes
+(the paper's; `fgloc.metrics.CUB_PART_GROUPS`), ``pcp_*_torso`` fgloc's earlier definition. ``ablation.<row>.pck@α`` rows come from the same trained models
 (decoders, flip test, stage 1 vs stage 2) and from cheap extra heads on the same cached maps
 (``paper_setting``: the paper's sigmoid cross-entropy with one positive cell on the stride-32
 map, argmax; ``paper_stride16``: the same loss on the fused stride-16 map; ``floor``: the issue's
@@ -505,14 +506,19 @@ def _pcp_if_within(pred: np.ndarray, ann: Any, alpha: float = 0.10) -> dict[str,
 
 
 def _keypoint_metrics(pred: np.ndarray, ann: Any, prefix: str = "") -> dict[str, float]:
-    from fgloc.metrics import pck, pcp
+    """PCK at every α and PCP: ``pcp_head`` / ``pcp_body`` by Part-based R-CNN's boxes (the
+    paper's), ``pcp_head_torso`` / ``pcp_body_torso`` by fgloc's earlier definition
+    (``fgloc.metrics.PCP_DEFINITIONS``)."""
+    from fgloc.metrics import PCP_DEFINITIONS, pck, pcp
 
     out: dict[str, float] = {}
     for a in ALPHAS:
         out[f"{prefix}pck@{a:.2f}"] = pck(pred, ann.parts, ann.visible, ann.boxes, a)[1]
-    res = pcp(pred, ann.parts, ann.visible)
-    out[f"{prefix}pcp_head"] = res["head"]
-    out[f"{prefix}pcp_body"] = res["body"]
+    for definition, (groups, min_visible) in PCP_DEFINITIONS.items():
+        res = pcp(pred, ann.parts, ann.visible, groups, min_visible=min_visible)
+        suffix = "" if definition == "prcnn" else f"_{definition}"  # the paper's is the headline
+        out[f"{prefix}pcp_head{suffix}"] = res["head"]
+        out[f"{prefix}pcp_body{suffix}"] = res["body"]
     return out
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from experiments import keypoint_fcn_cub as exp
 from experiments.configs import keypoint_fcn_cub as configs
 from fgloc.data import cub
-from fgloc.metrics import CUB_PART_GROUPS, CUB_PART_NAMES
+from fgloc.metrics import CUB_PART_GROUPS, CUB_PART_NAMES, PCP_MIN_VISIBLE
 
 LITE0_LAYERS = ["stem", *(f"block{i}" for i in range(16)), *(f"stage{k}" for k in range(1, 8))]
 LITE0_LAYERS.append("pre_pool")
@@ -146,6 +146,8 @@ KEYS = [
     *(f"pck@{a:.2f}" for a in exp.ALPHAS),
     "pcp_head",
     "pcp_body",
+    "pcp_head_torso",
+    "pcp_body_torso",
     "cls_acc_holistic",
     "cls_acc_holistic_bilinear",
     "cls_acc_joint",
@@ -193,7 +195,11 @@ def test_smoke_run_keys_relations_and_resume(shared_data, tmp_path):
         ks = [k.split(".")[-1] for k in m if k.startswith(f"pcp_{g}_by_visible.")]
         n = sum(m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
         hits = sum(m[f"pcp_{g}_by_visible.{k}"] * m[f"n_{g}_boxes_by_visible.{k}"] for k in ks)
-        assert ks and min(int(k) for k in ks) >= 2 and hits / n == pytest.approx(m[f"pcp_{g}"])
+        assert (
+            ks
+            and min(int(k) for k in ks) >= PCP_MIN_VISIBLE
+            and hits / n == pytest.approx(m[f"pcp_{g}"])
+        )
         # the oracle that replaces one part's PCK@0.10 misses by the truth (per part, and all
         # of the group's): not monotone in general (two errors can cancel in one box), so only
         # its keys and range here; its values: test_pcp_if_within_replaces_only_...

@@ -267,45 +267,93 @@ def test_normalized_part_error_hand_computed():
         M.normalized_part_error(pred, true, visible, np.zeros((2, 4)))
 
 
+def _part(name: str) -> int:
+    return M.CUB_PART_NAMES.index(name)
+
+
 def _cub_keypoints():
-    """Two birds: head keypoints spanning [10,10,20,20], body keypoints spanning [0,20,40,40]."""
+    """Two birds: head keypoints spanning [10,10,20,20], body keypoints spanning [0,20,40,40];
+    the throat, in both groups (Part-based R-CNN's boxes), at (20, 20) lies in both boxes."""
     kp = np.zeros((2, 15, 2))
-    head = list(M.CUB_PART_GROUPS["head"])
-    body = list(M.CUB_PART_GROUPS["body"])
-    kp[:, head] = 15.0
-    kp[:, head[0]] = [10, 10]
-    kp[:, head[1]] = [20, 20]
-    kp[:, body] = [20, 30]
-    kp[:, body[0]] = [0, 20]
-    kp[:, body[1]] = [40, 40]
+    kp[:, list(M.CUB_PART_GROUPS["head"])] = 15.0
+    kp[:, list(M.CUB_PART_GROUPS["body"])] = [20, 30]
+    for name, xy in {
+        "beak": (10, 10),
+        "crown": (20, 20),
+        "throat": (20, 20),
+        "back": (0, 20),
+        "belly": (40, 40),
+    }.items():
+        kp[:, _part(name)] = xy
     return kp
+
+
+def test_pcp_groups_are_part_based_rcnn_boxes():
+    """The head and body of Part-based R-CNN's released boxes (read off its annotations on the
+    25-class subset): the body has the legs and the throat; the head shares the throat."""
+    names = {g: {M.CUB_PART_NAMES[i] for i in idx} for g, idx in M.CUB_PART_GROUPS.items()}
+    assert names["head"] == {"beak", "crown", "forehead", "left eye", "right eye", "nape", "throat"}
+    assert names["body"] == {
+        *("back", "belly", "breast", "tail", "throat"),
+        *("left leg", "right leg", "left wing", "right wing"),
+    }
+    assert M.PCP_MIN_VISIBLE == 3 and M.PCP_DEFINITIONS["prcnn"] == (M.CUB_PART_GROUPS, 3)
+    torso, k = M.PCP_DEFINITIONS["torso"]
+    assert k == 2 and torso is M.CUB_PART_GROUPS_TORSO
+    assert {M.CUB_PART_NAMES[i] for i in torso["body"]} == names["body"] - {
+        *("left leg", "right leg", "throat")
+    }
 
 
 def test_part_boxes_and_pcp_hand_computed():
     true = _cub_keypoints()
+    head, body = (list(M.CUB_PART_GROUPS[g]) for g in ("head", "body"))
     visible = np.ones((2, 15), bool)
-    visible[1, M.CUB_PART_GROUPS["head"][1:]] = False  # bird 1: one head keypoint only
+    visible[1, head] = False
+    visible[1, [_part("beak"), _part("crown")]] = True  # bird 1: two head keypoints only
     boxes, valid = M.part_boxes_from_keypoints(true, visible)
     np.testing.assert_array_equal(boxes[0], [[10, 10, 20, 20], [0, 20, 40, 40]])
     np.testing.assert_array_equal(valid, [[True, True], [False, True]])
+    # two keypoints make a box only when asked (the torso definition's rule)
+    boxes2, valid2 = M.part_boxes_from_keypoints(true, visible, min_visible=2)
+    assert valid2.all() and boxes2[1, 0].tolist() == [10, 10, 20, 20]
+    # three make one: back, belly, tail
+    three = np.zeros((1, 15), bool)
+    three[0, [_part("back"), _part("belly"), _part("tail")]] = True
+    assert M.part_boxes_from_keypoints(true[:1], three)[1].tolist() == [[False, True]]
+    three[0, _part("tail")] = False
+    assert M.part_boxes_from_keypoints(true[:1], three)[1].tolist() == [[False, False]]
+
     pred = true.copy()
-    pred[0, M.CUB_PART_GROUPS["head"]] += [2, 0]  # head box [12,10,22,20]: IoU 80/120 -> hit
-    pred[1, M.CUB_PART_GROUPS["body"]] += [0, 10]  # body [0,30,40,50]: IoU 400/1200 -> miss
-    pred[0, 7] = [1e4, 1e4]  # left leg is in no group: ignored
+    pred[0, head] += [2, 0]  # head box [12,10,22,20]: IoU 80/120 -> hit (throat stays in body)
+    pred[1, body] += [0, 10]  # body [0,30,40,50]: IoU 400/1200 -> miss
     out = M.pcp(pred, true, visible)
     assert out == {"head": 1.0, "body": 0.5, "mean": 0.75}
-    pred[0, M.CUB_PART_GROUPS["head"]] += [3, 0]  # head now [15,10,25,20]: IoU 50/150 -> miss
+    pred[0, head] += [3, 0]  # head now [15,10,25,20]: IoU 50/150 -> miss
     assert M.pcp(pred, true, visible)["head"] == 0.0
+    # the left leg is in Part-based R-CNN's body, not in the torso's
+    leg = true.copy()
+    leg[0, _part("left leg")] = [1e4, 1e4]
+    assert M.pcp(leg, true, visible)["body"] == 0.5
+    torso, k = M.PCP_DEFINITIONS["torso"]
+    assert M.pcp(leg, true, visible, torso, min_visible=k) == {
+        "head": 1.0,
+        "body": 1.0,
+        "mean": 1.0,
+    }
     # an invisible part's (wild) prediction does not enter the predicted box
     vis = visible.copy()
-    vis[0, M.CUB_PART_GROUPS["body"][2]] = False
+    vis[0, _part("breast")] = False
     pred2 = true.copy()
-    pred2[0, M.CUB_PART_GROUPS["body"][2]] = [500, 500]
+    pred2[0, _part("breast")] = [500, 500]
     assert M.pcp(pred2, true, vis)["body"] == 1.0
     none = M.pcp(pred, true, np.zeros((2, 15), bool))
     assert math.isnan(none["head"]) and math.isnan(none["mean"])
     with pytest.raises(ValueError, match="groups"):
         M.part_boxes_from_keypoints(true, visible, {"x": (0, 15)})
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="min_visible"):
+            M.pcp(pred, true, visible, min_visible=bad)
 
 
 # ------------------------------------------------------------------------------------------------
