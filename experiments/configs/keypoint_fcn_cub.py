@@ -14,8 +14,8 @@ Presets:
   deeper stage 2, the test sizes) were chosen on the train/val split of the training images
   (``lite0_val`` against ``stage7_finetune_val``, keypoints only, 2026-12-02; the test split
   never read): PCK@0.05 / @0.10 0.655 / 0.869 -> 0.690 / 0.889 (stage 2) -> 0.744 / 0.908
-  (test sizes), PCP body 0.811 -> 0.846 -> 0.916; each size alone gives 0.690 / 0.721 /
-  0.731 / 0.718 at α = 0.05.
+  (test sizes), PCP body (the earlier torso definition) 0.811 -> 0.846 -> 0.916; each size
+  alone gives 0.690 / 0.721 / 0.731 / 0.718 at α = 0.05.
 * ``stage7_finetune``: the default before 2026-12-02: stage 2 fine-tunes stage 7 alone from
   cached ``stage6`` maps for 250 steps, one test size.
 * ``smoke``: a few images at 96 px, every stage a few steps (seconds, for the tests).
