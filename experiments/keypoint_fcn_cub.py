@@ -31,8 +31,8 @@ for the classifier when its single-scale confidence is above a threshold chosen 
 training images (the one that best separates
 visible from invisible annotated parts there). Keypoint metrics (`fgloc.metrics.pck`, `pcp`) are
 in original image pixels; ``pcp_head`` / ``pcp_body`` use Part-based R-CNN's head and body boxes
-(the paper's; `fgloc.metrics.CUB_PART_GROUPS`), ``pcp_*_torso`` fgloc's earlier definition. ``ablation.<row>.pck@α`` rows come from the same trained models
-(decoders, flip test, stage 1 vs stage 2) and from cheap extra heads on the same cached maps
+(the paper's; `fgloc.metrics.CUB_PART_GROUPS`), ``pcp_*_torso`` fgloc's earlier definition.
+``ablation.<row>.pck@α`` rows come from the same trained models (decoders, flip test, stage 1 vs stage 2) and from cheap extra heads on the same cached maps
 (``paper_setting``: the paper's sigmoid cross-entropy with one positive cell on the stride-32
 map, argmax; ``paper_stride16``: the same loss on the fused stride-16 map; ``floor``: the issue's
 floor, a 2-layer 1×1 head with a spatial softmax on the keypoint's cell, soft-argmax 5×5, no

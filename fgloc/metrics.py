@@ -34,20 +34,13 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import scipy.ndimage as ndi
 
-from fgloc.data.cub_parts import (
-    CUB_PART_GROUPS,
-    CUB_PART_GROUPS_TORSO,
-    CUB_PART_NAMES,
-    PCP_DEFINITIONS,
-    PCP_MIN_VISIBLE,
-)
+from fgloc.data.cub_parts import CUB_PART_GROUPS, CUB_PART_NAMES, PCP_DEFINITIONS, PCP_MIN_VISIBLE
 from fgloc.localize.boxes import boxes_in_image, map_boxes
 from fgloc.maps.normalize import minmax_normalize
 from fgloc.maps.resample import resize_maps_host
 
 __all__ = [
     "CUB_PART_GROUPS",
-    "CUB_PART_GROUPS_TORSO",
     "CUB_PART_NAMES",
     "PCP_DEFINITIONS",
     "PCP_MIN_VISIBLE",

@@ -31,13 +31,14 @@ from fgloc.metrics import PCP_DEFINITIONS, iou, part_boxes_from_keypoints
 
 
 def _released(folder: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
+    """``{"<class folder>/<file>.jpg": {"head": box, "body": box}}``, keyed like ``images.txt``."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for split in ("train", "test"):
         path = folder / f"bird_{split}.mat"
         if not path.is_file():
             raise SystemExit(f"--annotations: {path} not found")
         for rec in scipy.io.loadmat(path, squeeze_me=True)["data"]:
-            name = str(rec["im"]).replace("\\", "/")
+            name = "/".join(str(rec["im"]).replace("\\", "/").split("/")[-2:])
             out[name] = {g: np.asarray(rec[g], np.float64) for g in ("head", "body")}
     return out
 
@@ -49,12 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     ann = read_cub(args.cub)
     released = _released(pathlib.Path(args.annotations))
-    rows, refs = [], []
-    for i, name in enumerate(ann.file_names):
-        key = next((k for k in released if k.endswith("/" + str(name))), None)
-        if key is not None:
-            rows.append(i)
-            refs.append(released[key])
+    rows = [i for i, name in enumerate(ann.file_names) if str(name) in released]
+    refs = [released[str(ann.file_names[i])] for i in rows]
     if not rows:
         raise SystemExit("no image of --cub is in the released annotations")
     print(f"{len(rows)} images in both")

@@ -12,6 +12,7 @@ import scipy.ndimage as ndi
 import skimage.measure
 
 from fgloc import metrics as M
+from fgloc.data import cub_parts
 
 # ------------------------------------------------------------------------------------------------
 # IoU, CorLoc, centre box, ILSVRC errors
@@ -299,7 +300,7 @@ def test_pcp_groups_are_part_based_rcnn_boxes():
     }
     assert M.PCP_MIN_VISIBLE == 3 and M.PCP_DEFINITIONS["prcnn"] == (M.CUB_PART_GROUPS, 3)
     torso, k = M.PCP_DEFINITIONS["torso"]
-    assert k == 2 and torso is M.CUB_PART_GROUPS_TORSO
+    assert k == 2 and torso is cub_parts.CUB_PART_GROUPS_TORSO
     assert {M.CUB_PART_NAMES[i] for i in torso["body"]} == names["body"] - {
         *("left leg", "right leg", "throat")
     }
@@ -353,7 +354,7 @@ def test_part_boxes_and_pcp_hand_computed():
         M.part_boxes_from_keypoints(true, visible, {"x": (0, 15)})
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="min_visible"):
-            M.pcp(pred, true, visible, min_visible=bad)
+            M.pcp(pred, true, visible, min_visible=bad)  # pyright: ignore[reportArgumentType]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ PCP_MIN_VISIBLE = 3
 #: on the subset its body box has a median IoU of 0.73 with Part-based R-CNN's (equal in 58 of
 #: 1,354; `scripts/check_pcp_boxes.py`).
 CUB_PART_GROUPS_TORSO: dict[str, tuple[int, ...]] = {
-    "head": (1, 4, 5, 6, 9, 10, 14),
+    "head": CUB_PART_GROUPS["head"],
     "body": (0, 2, 3, 8, 12, 13),
 }
 
